@@ -1,0 +1,163 @@
+"""``posttrain <command> [--config FILE.yaml] [key=value ...]``: the one entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.errors import PosttrainError
+
+log = logging.getLogger("posttrain")
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    doc: str
+    config_cls: Callable[[], type]
+    run: Callable[[Any], Any]
+
+
+def _sft_cls() -> type:
+    from posttrain.algorithms.sft import SFTConfig
+
+    return SFTConfig
+
+
+def _run_sft(cfg: Any) -> Any:
+    from posttrain.algorithms.sft import train_sft
+
+    return train_sft(cfg)
+
+
+TRAIN_COMMANDS: dict[str, TrainCommand] = {
+    "sft": TrainCommand("supervised fine-tuning (assistant-masked NLL); text rows = pretraining",
+                        _sft_cls, _run_sft),
+    "pretrain": TrainCommand("causal-LM training on raw text rows (same engine as sft)",
+                             _sft_cls, _run_sft),
+}
+
+OTHER_COMMANDS = {
+    "demo": "the whole stack on a tiny model, offline: pretrain -> SFT -> held-out report",
+    "init-tiny": "write the built-in tiny model + tokenizer as an HF directory",
+    "chat": "chat with a saved model in the terminal (streaming)",
+    "tasks": "list the built-in tasks usable as data=task:NAME",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: posttrain <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
+    for name, cmd in TRAIN_COMMANDS.items():
+        lines.append(f"  {name:<11} {cmd.doc}")
+    for name, doc in OTHER_COMMANDS.items():
+        lines.append(f"  {name:<11} {doc}")
+    lines += ["", "posttrain <command> --help lists every option of a command."]
+    return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_train_command(name: str, argv: list[str]) -> int:
+    from posttrain.config import config_help, load_config
+
+    cmd = TRAIN_COMMANDS[name]
+    cls = cmd.config_cls()
+    parser = argparse.ArgumentParser(prog=f"posttrain {name}", add_help=False)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("-h", "--help", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(config_help(cls, name))
+        return 0
+    bad = [o for o in overrides if o.startswith("--")]
+    if bad:
+        raise PosttrainError(f"unknown option {bad[0]}; options are given as key=value "
+                             f"(see posttrain {name} --help)")
+    cfg = load_config(cls, args.config, overrides)
+    final = cmd.run(cfg)
+    print(f"done: {final}")
+    return 0
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    from posttrain.demo import run_demo
+
+    p = argparse.ArgumentParser(prog="posttrain demo", description=OTHER_COMMANDS["demo"])
+    p.add_argument("--quick", action="store_true", help="small budgets: under 2 minutes")
+    p.add_argument("--output-dir", default="demo-run", help="where stages and reports go")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    report = run_demo(a.output_dir, quick=a.quick, seed=a.seed)
+    print(f"report: {a.output_dir}/report.md ({report['seconds']} s)")
+    return 0
+
+
+def _cmd_init_tiny(argv: list[str]) -> int:
+    from posttrain.models.tiny import SIZES, init_tiny
+
+    p = argparse.ArgumentParser(prog="posttrain init-tiny", description=OTHER_COMMANDS["init-tiny"])
+    p.add_argument("output_dir")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(f"wrote {init_tiny(a.output_dir, a.size, a.seed)}")
+    return 0
+
+
+def _cmd_chat(argv: list[str]) -> int:
+    from posttrain.chat import chat_main
+
+    return chat_main(argv)
+
+
+def _cmd_tasks(argv: list[str]) -> int:
+    from posttrain.tasks.registry import list_tasks
+
+    for name, doc in list_tasks().items():
+        print(f"task:{name:<12} {doc}")
+    return 0
+
+
+HANDLERS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _cmd_demo, "init-tiny": _cmd_init_tiny, "chat": _cmd_chat, "tasks": _cmd_tasks,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    _setup_logging()
+    try:
+        if name in TRAIN_COMMANDS:
+            return _run_train_command(name, rest)
+        if name in HANDLERS:
+            return HANDLERS[name](rest)
+    except PosttrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    import difflib
+
+    close = difflib.get_close_matches(name, [*TRAIN_COMMANDS, *HANDLERS], n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    print(f"error: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Load validated rows from a file, a saved dataset, a built-in task or the HF hub.
+
+``load_rows(spec)`` accepts:
+
+- ``path/to/file.jsonl`` (one JSON object per line; errors name ``file:LINE``),
+- ``file.json`` (a JSON array of rows, or JSON lines), ``file.parquet``, ``file.csv``,
+- a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
+- ``task:NAME`` or ``task:NAME:key=value,key=value`` (a built-in generated task),
+- anything else is tried as a hub dataset name (``datasets.load_dataset(name, split=split)``).
+
+Every row is validated; a bad row raises a DataError naming where it is and which field is
+wrong, or, with ``on_bad_row="skip"``, is dropped and counted in ``Rows.skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.data.formats import FORMATS, REQUIRED_KEYS, detect_format, matches, validate_row
+from posttrain.errors import DataError
+
+logger = logging.getLogger("posttrain")
+
+FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet", ".csv")
+
+# (where, row) pairs: ``where`` is what an error message prints, e.g. "train.jsonl:17".
+Located = Iterator[tuple[str, Any]]
+
+
+@dataclass
+class Rows:
+    """Validated rows that all share one ``format``, plus how many bad rows were skipped."""
+
+    rows: list[dict[str, Any]]
+    format: str
+    source: str
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_rows(
+    spec: str,
+    *,
+    split: str = "train",
+    formats: Collection[str] | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> Rows:
+    """Load and validate the rows of ``spec`` (see the module docstring for what it can be).
+
+    ``formats`` lists the formats the caller accepts, in order of preference; a row that
+    carries the keys of several (a preference row also has a prompt) takes the first.
+    ``on_bad_row="skip"`` drops bad rows, counts them and logs one warning.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if formats is not None:
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown formats {unknown}; choose from {FORMATS}")
+    return _validate_all(spec, _locate(spec, split), formats, on_bad_row)
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def _validate_all(
+    spec: str, located: Located, formats: Collection[str] | None, on_bad_row: str
+) -> Rows:
+    rows: list[dict[str, Any]] = []
+    fmt: str | None = None
+    skipped, first_error = 0, ""
+    for where, raw in located:
+        try:
+            if fmt is None:
+                # Decided by the first valid row; bad rows before it are just bad rows.
+                candidate = _choose_format(raw, formats, where)
+                rows.append(validate_row(raw, candidate, where))
+                fmt = candidate
+            else:
+                rows.append(_validate_same_format(raw, fmt, where))
+        except DataError as e:
+            if on_bad_row == "error" or isinstance(e, _FormatNotAccepted):
+                raise
+            skipped += 1
+            first_error = first_error or str(e)
+    return _finish(spec, rows, fmt, skipped, first_error)
+
+
+def _finish(
+    spec: str, rows: list[dict[str, Any]], fmt: str | None, skipped: int, first_error: str
+) -> Rows:
+    if not rows and not skipped:
+        raise DataError(f"{spec}: the data source has no rows")
+    if not rows:
+        raise DataError(f"{spec}: all {skipped} rows are bad; the first error was: {first_error}")
+    if skipped:
+        logger.warning(
+            "%s: skipped %d bad row(s) of %d; the first error was: %s",
+            spec, skipped, skipped + len(rows), first_error,
+        )
+    assert fmt is not None  # rows is non-empty, so a format was chosen
+    return Rows(rows=rows, format=fmt, source=spec, skipped=skipped)
+
+
+class _FormatNotAccepted(DataError):
+    """The data is well-formed but in a format the caller cannot use: never skippable."""
+
+
+def _choose_format(row: Any, formats: Collection[str] | None, where: str) -> str:
+    detected = detect_format(row, where)
+    if formats is None:
+        return detected
+    for fmt in formats:
+        if matches(row, fmt):
+            return fmt
+    raise _FormatNotAccepted(
+        f"{where}: this command accepts rows in format(s) "
+        + "; ".join(f"'{f}' (keys: {', '.join(REQUIRED_KEYS[f])})" for f in formats)
+        + f", but the data has keys {', '.join(sorted(row))} (format '{detected}')"
+    )
+
+
+def _validate_same_format(row: Any, fmt: str, where: str) -> dict[str, Any]:
+    if isinstance(row, dict) and not matches(row, fmt):
+        raise DataError(
+            f"{where}: expected a row in format '{fmt}' like the rows before it (keys: "
+            f"{', '.join(REQUIRED_KEYS[fmt])}), got keys {', '.join(sorted(row)) or 'none'}"
+        )
+    return validate_row(row, fmt, where)
+
+
+# --- where rows come from ---------------------------------------------------------------
+
+
+def _locate(spec: str, split: str) -> Located:
+    if spec.startswith("task:"):
+        return _task_rows(spec, split)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _disk_rows(path, split)
+    if path.is_file():
+        return _file_rows(path)
+    if _looks_like_path(spec):
+        raise DataError(f"{spec}: no such file or directory")
+    return _hub_rows(spec, split)
+
+
+def _looks_like_path(spec: str) -> bool:
+    # "org/name" is a hub id, so one slash alone does not make a path.
+    return (
+        spec.endswith(FILE_SUFFIXES)
+        or spec.startswith(("/", "./", "../", "~"))
+        or "\\" in spec
+        or spec.count("/") > 1
+    )
+
+
+def _file_rows(path: Path) -> Located:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, path.read_text(encoding="utf-8"))
+    if suffix == ".json":
+        return _json_rows(path)
+    if suffix in (".parquet", ".csv"):
+        return _packaged_rows(path, suffix[1:])
+    raise DataError(
+        f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(FILE_SUFFIXES)}"
+    )
+
+
+def _jsonl_rows(path: Path, text: str) -> Located:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield f"{path}:{lineno}", row
+
+
+def _json_rows(path: Path) -> Located:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        # Not one JSON document: JSON lines saved with a .json name (as pandas/HF write it).
+        return _jsonl_rows(path, text)
+    if isinstance(data, dict):
+        return iter([(f"{path}[row 0]", data)])
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
+    return ((f"{path}[row {i}]", row) for i, row in enumerate(data))
+
+
+def _packaged_rows(path: Path, builder: str) -> Located:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/pandas raise many types; the user needs one line.
+        raise DataError(f"{path}: could not read the {builder} file ({_first_line(e)})") from None
+    return _dataset_rows(str(path), ds)
+
+
+def _disk_rows(path: Path, split: str) -> Located:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: a directory, but not a dataset written by save_to_disk "
+            "(expected dataset_info.json / dataset_dict.json inside)"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(
+                f"{path}: no split '{split}'; available splits: {', '.join(sorted(ds))}"
+            )
+        return _dataset_rows(f"{path}[{split}]", ds[split])
+    return _dataset_rows(str(path), ds)
+
+
+def _hub_rows(name: str, split: str) -> Located:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except DatasetNotFoundError:
+        raise DataError(
+            f"{name}: no such local file or directory, and no dataset of that name on the "
+            "Hugging Face Hub (or it is private/gated)"
+        ) from None
+    except ConnectionError as e:
+        raise DataError(
+            f"{name}: no such local file or directory, and the Hugging Face Hub could not be "
+            f"reached to look for a dataset of that name ({_first_line(e)})"
+        ) from None
+    except Exception as e:  # bad split, bad config...: one clear line, not a deep traceback.
+        raise DataError(f"{name}: could not load from the Hugging Face Hub ({_first_line(e)})") from None
+    return _dataset_rows(f"{name}[{split}]", ds)
+
+
+def _dataset_rows(label: str, ds: Any) -> Located:
+    return ((f"{label}[row {i}]", row) for i, row in enumerate(ds.to_list()))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+# --- built-in tasks ---------------------------------------------------------------------
+
+
+def _task_rows(spec: str, split: str) -> Located:
+    from posttrain.tasks.registry import build_task_rows
+
+    name, params = parse_task_spec(spec)
+    split = str(params.pop("split", split))
+    rows = build_task_rows(name, split=split, **params)
+    return ((f"task:{name}[{split} row {i}]", row) for i, row in enumerate(rows))
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"task:NAME:k=v,k=v"`` -> ``(NAME, {k: v})``; values become int/float/bool when they parse."""
+    body = spec.removeprefix("task:")
+    name, _, args = body.partition(":")
+    if not name:
+        raise DataError(f"{spec}: expected 'task:NAME' or 'task:NAME:key=value,...'")
+    params: dict[str, Any] = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DataError(f"{spec}: expected 'key=value' in the task parameters, got '{item}'")
+        params[key.strip()] = _parse_value(value.strip())
+    return name, params
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,36 @@
+"""Model forwards that project the LM head only where a loss needs it (DESIGN.md §5.5)."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+
+
+def _supports_logits_to_keep(model: nn.Module) -> bool:
+    fwd = getattr(model, "forward", None)
+    return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
+
+
+def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+    """Logits at target positions and their targets.
+
+    ``batch`` follows ``posttrain.data.batching``: ``input_ids`` (B, T), ``position_ids``
+    (B, T), optional ``attention_mask`` (B, T) (absent for packed rows), ``labels`` (B, T)
+    already shifted (-100 = no target). Returns ``logits`` (N, V) and ``targets`` (N,) for the
+    N positions with a label, in row-major order.
+    """
+    labels = batch["labels"]
+    keep = labels != -100  # (B, T)
+    kwargs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "use_cache": False,
+    }
+    if _supports_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=keep).logits
+        logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    else:
+        logits = model(**kwargs).logits[keep]  # (N, V)
+    return logits, labels[keep]

@@ -1,0 +1,1 @@
+"""Run reports (markdown, JSON, terminal tables)."""

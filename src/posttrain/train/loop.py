@@ -1,0 +1,96 @@
+"""The offline training loop (SFT, reward models, DPO): a deterministic, resumable batch
+stream and ``fit``, which drives the engine, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from posttrain.train.engine import Batch, CountFn, Engine, LossFn
+
+
+class BatchStream:
+    """Endless, deterministic stream of collated micro-batches over ``examples``.
+
+    The order of epoch ``e`` is a permutation drawn from ``seed + e``, so the stream's whole
+    state is ``(epoch, pos)``: restoring it resumes exactly where an interrupted run stood.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        batch_size: int,
+        collate: Callable[[list[Any]], Batch],
+        seed: int,
+        shuffle: bool = True,
+    ):
+        if not examples:
+            raise ValueError("BatchStream needs at least one example")
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._plan(0)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch."""
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def _plan(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=gen).tolist()
+
+    def next(self) -> Batch:
+        if self.pos >= len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._plan(self.epoch)
+        idx = self._order[self.pos : self.pos + self.batch_size]
+        self.pos += len(idx)
+        return self.collate([self.examples[i] for i in idx])
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._plan(self.epoch)
+
+
+def total_steps(max_steps: int, epochs: float, batches_per_epoch: int, grad_accum: int) -> int:
+    """``max_steps`` when set (> 0), else enough optimizer steps to cover ``epochs``."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
+
+
+def fit(
+    engine: Engine,
+    stream: BatchStream,
+    loss_fn: LossFn,
+    count_fn: CountFn,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Run optimizer steps from ``engine.step`` to ``engine.total_steps``.
+
+    Logs every ``logging_steps``, evaluates every ``eval_steps`` and at the end, checkpoints
+    every ``save_steps``. Returns the last evaluation's metrics (empty without ``eval_fn``).
+    """
+    cfg = engine.cfg
+    last_eval: dict[str, float] = {}
+    while engine.step < engine.total_steps:
+        micro = [stream.next() for _ in range(cfg.grad_accum)]
+        metrics = engine.update(micro, loss_fn, count_fn)
+        metrics["train/epoch"] = stream.epoch + stream.pos / len(stream.examples)
+        done = engine.step == engine.total_steps
+        if eval_fn is not None and (done or (cfg.eval_steps and engine.step % cfg.eval_steps == 0)):
+            last_eval = eval_fn()
+            metrics.update(last_eval)
+        if done or engine.step % max(cfg.logging_steps, 1) == 0 or "train/nonfinite" in metrics:
+            engine.log(metrics)
+        if cfg.save_steps and engine.step % cfg.save_steps == 0 and not done:
+            engine.save(stream.state())
+    return last_eval

@@ -1,0 +1,99 @@
+"""Run set-up shared by recipes: the run directory, resume, model loading, dataset encoding."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import TrainConfig, save_config
+from posttrain.data.chat import Encoded, encode_row
+from posttrain.data.sources import load_rows
+from posttrain.errors import DataError, PosttrainError
+from posttrain.models.io import load_model, load_tokenizer, resize_for_tokenizer
+from posttrain.train import checkpoint as ckpt
+from posttrain.train.engine import pick_device, seed_everything
+
+log = logging.getLogger("posttrain")
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Create ``output_dir``, save the resolved config, seed; return (run_dir, resume ckpt)."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log.warning("resume=true but %s has no checkpoint; starting from scratch", run_dir)
+    if not cfg.resume and (ckpt.list_checkpoints(run_dir) or (run_dir / "final").exists()):
+        raise PosttrainError(
+            f"output_dir '{run_dir}' already holds a run; pass resume=true to continue it "
+            f"or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    if resume_from is not None:
+        _truncate_metrics(run_dir / "metrics.jsonl", ckpt.load_trainer_state(resume_from)["step"])
+    return run_dir, resume_from
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(f"{ln}\n" for ln in keep))
+
+
+def load_policy(cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
+    """(model, tokenizer) from the config's spec, or from the checkpoint when resuming."""
+    spec = str(resume_from / "model") if resume_from is not None else cfg.model
+    tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+    resize_for_tokenizer(model, tokenizer)
+    return model.to(pick_device()), tokenizer
+
+
+@dataclass
+class EncodedSet:
+    examples: list[Encoded]
+    source: str
+    truncated: int
+    skipped_rows: int
+    empty: int
+
+    def stats(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}/rows": len(self.examples), f"{prefix}/truncated_rows": self.truncated,
+                f"{prefix}/skipped_rows": self.skipped_rows, f"{prefix}/no_target_rows": self.empty}
+
+
+def encode_dataset(
+    spec: str, tokenizer: Any, *, formats: tuple[str, ...], max_length: int, on_bad_row: str,
+    split: str = "train",
+) -> EncodedSet:
+    """Load, validate and tokenize a dataset; rows left with no target token are dropped."""
+    rows = load_rows(spec, split=split, formats=formats, on_bad_row=on_bad_row)
+    examples, truncated, empty = [], 0, 0
+    for row in rows.rows:
+        enc = encode_row(tokenizer, row, rows.format, max_length=max_length)
+        truncated += enc.truncated
+        if sum(enc.loss_mask) == 0:
+            empty += 1
+            continue
+        examples.append(enc)
+    if truncated:
+        log.warning("%s: %d of %d rows truncated to max_length=%d",
+                    spec, truncated, len(rows.rows), max_length)
+    if not examples:
+        raise DataError(f"{spec}: no row has a token to train on (loss mask empty everywhere; "
+                        f"is max_length={max_length} shorter than the prompts?)")
+    if empty:
+        log.warning("%s: %d rows have no target token after truncation; dropped", spec, empty)
+    return EncodedSet(examples, spec, truncated, rows.skipped, empty)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
