@@ -90,7 +90,9 @@ class TrainConfig:
     )
     data: str | None = field(default=None, metadata={"help": "training data: file, dir or hub id"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out data for evaluation"})
-    output_dir: str = field(default="runs/run", metadata={"help": "run dir: config.yaml, metrics, checkpoints, final/"})
+    output_dir: str = field(
+        default="runs/run", metadata={"help": "run dir: config.yaml, metrics, checkpoints, final/"}
+    )
     max_steps: int = field(
         default=-1, metadata={"help": "optimizer steps; -1 = derive from epochs"}
     )
@@ -416,9 +418,7 @@ def _to_dict(value: Any, tp: Any, key: str) -> dict[Any, Any]:
         value = _parse_yaml_value(value, key) if value.strip() else {}
     if not isinstance(value, Mapping):
         raise _bad_value(key, tp, value)
-    return {
-        _coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()
-    }
+    return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
 
 
 def _to_union(value: Any, tp: Any, key: str) -> Any:
@@ -561,9 +561,7 @@ def _apply(cls: type, group: _Group, data: Mapping[Any, Any]) -> None:
 def _split_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(
-            f"bad override {item!r}: set options as key=value, e.g. lr=2e-5 lora.r=8"
-        )
+        raise ConfigError(f"bad override {item!r}: set options as key=value, e.g. lr=2e-5 lora.r=8")
     return key.strip(), value
 
 
@@ -780,4 +778,4 @@ def config_help(cls: type, command: str, markup: bool = False, width: int = HELP
         out += ["", f"[bold]{esc(title)}[/]" if markup else title]
         for row in rows:
             out += _render_row(row, widths, width, markup)
-    return "\n".join(out) + "\n"
+    return "\n".join(out)

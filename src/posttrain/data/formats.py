@@ -191,8 +191,8 @@ def _validate_preference(row: dict[str, Any], where: str) -> None:
     margin = row.get("margin")
     if margin is None:
         row.pop("margin", None)  # Arrow fills absent columns with None.
-    elif isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(
-        margin
+    elif (
+        isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin)
     ):
         raise _fail(where, "margin", "a finite number", margin)
 

@@ -78,6 +78,8 @@ def _validate_all(
     skipped, first_error = 0, ""
     for where, raw in located:
         try:
+            if isinstance(raw, _Unreadable):
+                raise DataError(raw.error)
             if fmt is None:
                 # Decided by the first valid row; bad rows before it are just bad rows.
                 candidate = _choose_format(raw, formats, where)
@@ -103,7 +105,10 @@ def _finish(
     if skipped:
         logger.warning(
             "%s: skipped %d bad row(s) of %d; the first error was: %s",
-            spec, skipped, skipped + len(rows), first_error,
+            spec,
+            skipped,
+            skipped + len(rows),
+            first_error,
         )
     assert fmt is not None  # rows is non-empty, so a format was chosen
     return Rows(rows=rows, format=fmt, source=spec, skipped=skipped)
@@ -175,6 +180,13 @@ def _file_rows(path: Path) -> Located:
     )
 
 
+@dataclass
+class _Unreadable:
+    """A row that could not even be parsed; it fails validation like any other bad row."""
+
+    error: str
+
+
 def _jsonl_rows(path: Path, text: str) -> Located:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -182,7 +194,7 @@ def _jsonl_rows(path: Path, text: str) -> Located:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            row = _Unreadable(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
         yield f"{path}:{lineno}", row
 
 
@@ -190,7 +202,11 @@ def _json_rows(path: Path) -> Located:
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(
+                f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+            ) from None
         # Not one JSON document: JSON lines saved with a .json name (as pandas/HF write it).
         return _jsonl_rows(path, text)
     if isinstance(data, dict):
@@ -246,7 +262,9 @@ def _hub_rows(name: str, split: str) -> Located:
             f"reached to look for a dataset of that name ({_first_line(e)})"
         ) from None
     except Exception as e:  # bad split, bad config...: one clear line, not a deep traceback.
-        raise DataError(f"{name}: could not load from the Hugging Face Hub ({_first_line(e)})") from None
+        raise DataError(
+            f"{name}: could not load from the Hugging Face Hub ({_first_line(e)})"
+        ) from None
     return _dataset_rows(f"{name}[{split}]", ds)
 
 
@@ -272,7 +290,7 @@ def _task_rows(spec: str, split: str) -> Located:
 
 
 def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"task:NAME:k=v,k=v"`` -> ``(NAME, {k: v})``; values become int/float/bool when they parse."""
+    """``"task:NAME:k=v,k=v"`` -> ``(NAME, {k: v})``; values parse as int/float/bool if they can."""
     body = spec.removeprefix("task:")
     name, _, args = body.partition(":")
     if not name:
