@@ -309,7 +309,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
             "lora.target_modules=q_proj",
             "report_to=jsonl,wandb",
             "beta=1e-7",
-            "extra={a: [1, {b: null}], yes: 'no'}",
+            "extra={a: [1, {b: null}], 'yes': 'no'}",
             "steps_list=1,2",
             "model=1e-3",
         ],

@@ -265,6 +265,8 @@ def _sections(cls: type, default: Any, prefix: str = "", title: str = "") -> lis
         if sub_cls is None:
             leaves.append(Option(key, spec.type, value, help_text))
         else:
+            if value is None:  # an optional group: say it is off until one of its keys is set
+                help_text = f"{help_text} (default: null)".lstrip()
             sub_default = value if value is not None else sub_cls()
             nested.extend(_sections(sub_cls, sub_default, key + ".", help_text))
     return [_Section(prefix.rstrip("."), title, leaves), *nested]

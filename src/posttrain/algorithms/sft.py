@@ -44,7 +44,10 @@ def count_targets(batch: dict[str, Any]) -> float:
 
 def sft_step(model: torch.nn.Module, batch: dict[str, Any], normalizer: float):  # noqa: ANN201
     logits, targets = target_logits(model, batch)  # (N, V), (N,)
-    return sft_loss(logits, targets, normalizer)
+    loss, metrics = sft_loss(logits, targets, normalizer)
+    metrics["sft/target_token_frac"] = torch.tensor(
+        batch["num_target_tokens"] / max(batch["num_tokens"], 1))
+    return loss, metrics
 
 
 def make_collate(tokenizer: Any, packing: bool, device: torch.device):  # noqa: ANN201
