@@ -605,11 +605,10 @@ def load_config(
     group = _Group()
     if config_file is not None:
         path = Path(config_file)
+        data = _read_yaml(path)  # its errors name the file already
         try:
-            _apply(cls, group, _read_yaml(path))
+            _apply(cls, group, data)
         except ConfigError as err:
-            if str(path) in str(err):
-                raise
             raise ConfigError(f"{err} (in {path})") from None
     for item in overrides:
         key, value = _split_override(item)
