@@ -94,7 +94,9 @@ def context(tokenizer: PreTrainedTokenizerFast, enc: Encoded) -> str:
     return tokenizer.decode(ids)
 
 
-def test_chatml_multi_turn_masks_exactly_assistant_content_and_end_token(tok) -> None:
+def test_chatml_multi_turn_masks_exactly_assistant_content_and_end_token(
+    tok: PreTrainedTokenizerFast,
+) -> None:
     enc = encode_messages(tok, CONVERSATION)
     assert targets(tok, enc) == "answer1<|im_end|>answer2<|im_end|>"
     assert enc.loss_mask[0] == 0
@@ -141,13 +143,13 @@ def test_template_that_is_not_prefix_stable_is_refused() -> None:
         encode_messages(t, CONVERSATION)
 
 
-def test_prompt_completion_strings_target_completion_and_eos(tok) -> None:
+def test_prompt_completion_strings_target_completion_and_eos(tok: PreTrainedTokenizerFast) -> None:
     enc = encode_prompt_completion(tok, "2+2=", "4")
     assert tok.decode(enc.input_ids) == "2+2=4<|endoftext|>"
     assert enc.loss_mask == [0, 0, 0, 0, 1, 1]
 
 
-def test_plain_strings_get_bos_when_tokenizer_adds_it(tok) -> None:
+def test_plain_strings_get_bos_when_tokenizer_adds_it(tok: PreTrainedTokenizerFast) -> None:
     t = llama3_tokenizer()
     # Make the tokenizer prepend BOS to plain text, as Llama tokenizers do.
     bos = t.bos_token_id
@@ -163,24 +165,26 @@ def test_plain_strings_get_bos_when_tokenizer_adds_it(tok) -> None:
     assert encode_prompt_completion(tok, "ab", "c").input_ids[0] != bos
 
 
-def test_prompt_completion_messages_target_only_completion_turns(tok) -> None:
+def test_prompt_completion_messages_target_only_completion_turns(
+    tok: PreTrainedTokenizerFast,
+) -> None:
     enc = encode_prompt_completion(tok, CONVERSATION[:4], CONVERSATION[4:])
     assert targets(tok, enc) == "answer2<|im_end|>"
     assert "answer1" in context(tok, enc)
 
 
-def test_prompt_completion_mixed_types_rejected(tok) -> None:
+def test_prompt_completion_mixed_types_rejected(tok: PreTrainedTokenizerFast) -> None:
     with pytest.raises(DataError, match="both"):
         encode_prompt_completion(tok, "hi", [{"role": "assistant", "content": "x"}])
 
 
-def test_text_rows_target_everything_but_the_first_token(tok) -> None:
+def test_text_rows_target_everything_but_the_first_token(tok: PreTrainedTokenizerFast) -> None:
     enc = encode_text(tok, "hello")
     assert tok.decode(enc.input_ids) == "hello<|endoftext|>"
     assert enc.loss_mask == [0, 1, 1, 1, 1, 1]
 
 
-def test_truncation_is_flagged(tok) -> None:
+def test_truncation_is_flagged(tok: PreTrainedTokenizerFast) -> None:
     full = encode_messages(tok, CONVERSATION)
     cut = encode_messages(tok, CONVERSATION, max_length=20)
     assert cut.truncated and len(cut) == 20
@@ -190,14 +194,16 @@ def test_truncation_is_flagged(tok) -> None:
     assert encode_text(tok, "hello world", max_length=4).truncated
 
 
-def test_first_token_is_never_a_target_even_when_assistant_opens(tok) -> None:
+def test_first_token_is_never_a_target_even_when_assistant_opens(
+    tok: PreTrainedTokenizerFast,
+) -> None:
     t = with_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
     enc = encode_messages(t, [{"role": "assistant", "content": "hi"}])
     assert enc.loss_mask[0] == 0
     assert targets(t, enc) == "i<|im_end|>"
 
 
-def test_end_of_turn_token_is_im_end(tok) -> None:
+def test_end_of_turn_token_is_im_end(tok: PreTrainedTokenizerFast) -> None:
     assert end_of_turn_token_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
 
 
@@ -206,13 +212,13 @@ def test_end_of_turn_token_none_without_special_end() -> None:
     assert end_of_turn_token_id(t) is None
 
 
-def test_render_prompt_ends_with_generation_prompt(tok) -> None:
+def test_render_prompt_ends_with_generation_prompt(tok: PreTrainedTokenizerFast) -> None:
     ids = render_prompt(tok, CONVERSATION[:2])
     assert tok.decode(ids).endswith("question1<|im_end|>\n<|im_start|>assistant\n")
     assert render_prompt(tok, "plain") == tok("plain")["input_ids"]
 
 
-def test_encode_row_dispatch(tok) -> None:
+def test_encode_row_dispatch(tok: PreTrainedTokenizerFast) -> None:
     row = {"prompt": "a", "completion": "b", "label": True}
     assert encode_row(tok, row, "unpaired") == encode_prompt_completion(tok, "a", "b")
     assert encode_row(tok, {"text": "a"}, "text") == encode_text(tok, "a")
@@ -220,7 +226,7 @@ def test_encode_row_dispatch(tok) -> None:
         encode_row(tok, {"prompt": "a", "chosen": "b", "rejected": "c"}, "preference")
 
 
-def test_encode_preference_shares_the_prompt(tok) -> None:
+def test_encode_preference_shares_the_prompt(tok: PreTrainedTokenizerFast) -> None:
     chosen, rejected = encode_preference(tok, {"prompt": "q", "chosen": "yes", "rejected": "no"})
     assert targets(tok, chosen) == "yes<|endoftext|>"
     assert targets(tok, rejected) == "no<|endoftext|>"

@@ -193,8 +193,14 @@ def _mask_from_spans(
 def _turn_span(tokenizer: Any, messages: Sequence[Message], i: int, full: str) -> tuple[int, int]:
     """Characters of turn ``i`` after its header: [end of the generation prompt, end of turn)."""
     try:
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1])
+        if i == 0:
+            # transformers refuses to render an empty conversation, so an opening assistant
+            # turn's header ends where its content is found.
+            at = through.find(messages[0]["content"].strip())
+            prefix = through[: max(at, 0)]
+        else:
+            prefix = _render(tokenizer, messages[:i], generation_prompt=True)
     except DataError:
         prefix = through = "\0"  # reported below as not prefix-stable
     if not (full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix)):

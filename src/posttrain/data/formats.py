@@ -87,7 +87,7 @@ def validate_row(row: Mapping[str, Any], fmt: str, where: str) -> dict[str, Any]
     for key in REQUIRED_KEYS[fmt]:
         if key not in row or row[key] is None:
             raise DataError(
-                f"{where}: field '{key}': missing (format '{fmt}' needs "
+                f"{where}: field '{key}': missing or null (format '{fmt}' needs "
                 f"{', '.join(REQUIRED_KEYS[fmt])}; the row has {', '.join(sorted(row))})"
             )
     out = dict(row)

@@ -3,7 +3,8 @@
 ``load_rows(spec)`` accepts:
 
 - ``path/to/file.jsonl`` (one JSON object per line; errors name ``file:LINE``),
-- ``file.json`` (a JSON array of rows, or JSON lines), ``file.parquet``, ``file.csv``,
+- ``file.json`` (a JSON array of rows, or JSON lines), ``file.parquet``,
+- ``file.csv`` (cells are strings; ``label`` and ``margin`` are read as bool/number),
 - a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
 - ``task:NAME`` or ``task:NAME:key=value,key=value`` (a built-in generated task),
 - anything else is tried as a hub dataset name (``datasets.load_dataset(name, split=split)``).
@@ -14,6 +15,8 @@ wrong, or, with ``on_bad_row="skip"``, is dropped and counted in ``Rows.skipped`
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import logging
 from collections.abc import Collection, Iterator
@@ -133,7 +136,9 @@ def _choose_format(row: Any, formats: Collection[str] | None, where: str) -> str
 
 
 def _validate_same_format(row: Any, fmt: str, where: str) -> dict[str, Any]:
-    if isinstance(row, dict) and not matches(row, fmt):
+    # A key present but null is the row's problem (validate_row names it); absent keys
+    # mean the row is in another format than the rows before it.
+    if isinstance(row, dict) and not all(key in row for key in REQUIRED_KEYS[fmt]):
         raise DataError(
             f"{where}: expected a row in format '{fmt}' like the rows before it (keys: "
             f"{', '.join(REQUIRED_KEYS[fmt])}), got keys {', '.join(sorted(row)) or 'none'}"
@@ -173,8 +178,10 @@ def _file_rows(path: Path) -> Located:
         return _jsonl_rows(path, path.read_text(encoding="utf-8"))
     if suffix == ".json":
         return _json_rows(path)
-    if suffix in (".parquet", ".csv"):
-        return _packaged_rows(path, suffix[1:])
+    if suffix == ".parquet":
+        return _parquet_rows(path)
+    if suffix == ".csv":
+        return _csv_rows(path)
     raise DataError(
         f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(FILE_SUFFIXES)}"
     )
@@ -216,14 +223,46 @@ def _json_rows(path: Path) -> Located:
     return ((f"{path}[row {i}]", row) for i, row in enumerate(data))
 
 
-def _packaged_rows(path: Path, builder: str) -> Located:
+def _parquet_rows(path: Path) -> Located:
     import datasets
 
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # pyarrow/pandas raise many types; the user needs one line.
-        raise DataError(f"{path}: could not read the {builder} file ({_first_line(e)})") from None
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # pyarrow raises many types; the user needs one line.
+        raise DataError(f"{path}: could not read the parquet file ({_first_line(e)})") from None
     return _dataset_rows(str(path), ds)
+
+
+def _csv_rows(path: Path) -> Located:
+    # The csv module rather than pandas: cells stay the exact strings written (pandas would
+    # turn a completion "4" into the int 4), and errors can name the line.
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        start = 2  # line 1 is the header
+        for row in reader:
+            if None in row:  # DictReader files surplus cells under the key None
+                bad = _Unreadable(f"{path}:{start}: more cells than the header has columns")
+                yield f"{path}:{start}", bad
+            else:
+                yield f"{path}:{start}", _csv_typed(row)
+            start = reader.line_num + 1
+
+
+def _csv_typed(row: dict[str, Any]) -> dict[str, Any]:
+    """CSV has only strings: read the two non-string columns of the formats as bool/float."""
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in _CSV_BOOLS:
+        row["label"] = _CSV_BOOLS[label.strip().lower()]
+    margin = row.get("margin")
+    if margin is not None and not margin.strip():
+        del row["margin"]  # an empty optional cell means "no margin"
+    elif margin is not None:
+        with contextlib.suppress(ValueError):  # else left a string, which validation reports
+            row["margin"] = float(margin)
+    return row
+
+
+_CSV_BOOLS = {"true": True, "false": False, "1": True, "0": False}
 
 
 def _disk_rows(path: Path, split: str) -> Located:
@@ -269,7 +308,19 @@ def _hub_rows(name: str, split: str) -> Located:
 
 
 def _dataset_rows(label: str, ds: Any) -> Located:
-    return ((f"{label}[row {i}]", row) for i, row in enumerate(ds.to_list()))
+    return ((f"{label}[row {i}]", _drop_arrow_nulls(row)) for i, row in enumerate(ds.to_list()))
+
+
+def _drop_arrow_nulls(row: dict[str, Any]) -> dict[str, Any]:
+    """Remove the None keys Arrow adds to messages to unify their schema.
+
+    One message with ``tool_calls`` gives every message ``tool_calls: None``, and templates
+    that test ``'tool_calls' in message`` would then render tool calls that do not exist.
+    """
+    for key, value in row.items():
+        if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            row[key] = [{k: v for k, v in m.items() if v is not None} for m in value]
+    return row
 
 
 def _first_line(e: BaseException) -> str:

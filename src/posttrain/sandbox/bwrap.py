@@ -62,7 +62,7 @@ def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def _parents(path: str) -> list[str]:
+def parents(path: str) -> list[str]:
     """Ancestors of ``path`` from the top, excluding "/" and ``path`` itself."""
     parts = path.strip("/").split("/")[:-1]
     return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
@@ -71,7 +71,7 @@ def _parents(path: str) -> list[str]:
 def _mkdirs(path: str) -> list[str]:
     # bwrap creates missing parents with mode 0700, which the dropped uid could not traverse.
     args: list[str] = []
-    for p in _parents(path):
+    for p in parents(path):
         args += ["--perms", "0755", "--dir", p]
     return args
 
@@ -91,13 +91,21 @@ def _system_mounts() -> list[str]:
     return args
 
 
-def python_roots() -> list[str]:
-    """Directories holding the interpreter (venv and base prefix) outside the system dirs."""
-    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                           sys.base_exec_prefix)}
-    exe = os.path.realpath(sys.executable)
-    if not _under(exe, sorted(roots)):
-        roots.add(os.path.dirname(os.path.dirname(exe)))
+def python_roots(python: str | None = None) -> list[str]:
+    """Directories holding the interpreter (venv and base prefix) outside the system dirs.
+
+    ``python`` None means the running interpreter, whose prefixes are known exactly; for
+    another one, the directory two levels above its binary (``PREFIX/bin/python``).
+    """
+    if python is None:
+        roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                               sys.base_exec_prefix)}
+        exe = os.path.realpath(sys.executable)
+        if not _under(exe, sorted(roots)):
+            roots.add(os.path.dirname(os.path.dirname(exe)))
+    else:
+        roots = {os.path.dirname(os.path.dirname(p))
+                 for p in (os.path.abspath(python), os.path.realpath(python))}
     roots = {r for r in roots if r != "/" and not _under(r, SYSTEM_DIRS)}
     # Drop roots nested in another root: binding the outer one covers them.
     return sorted(r for r in roots if not _under(r, [o for o in roots if o != r]))
@@ -111,11 +119,11 @@ def _site_dirs() -> list[str]:
     return sorted(d for d in dirs if os.path.isdir(d))
 
 
-def _python_mounts(site_packages: bool) -> list[str]:
+def _python_mounts(python: str | None, site_packages: bool) -> list[str]:
     args: list[str] = []
-    for root in python_roots():
+    for root in python_roots(python):
         args += [*_mkdirs(root), "--ro-bind", root, root]
-    if not site_packages:
+    if python is None and not site_packages:
         # An empty tmpfs over site-packages: stdlib only, and no .pth files to run at start-up.
         for d in _site_dirs():
             args += ["--tmpfs", d]
@@ -132,7 +140,7 @@ def bwrap_command(bwrap: str, inner: list[str], *, code_fd: int, cfg: SandboxCon
     args += ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv"]
     for k, v in SANDBOX_ENV.items():
         args += ["--setenv", k, v]
-    args += _system_mounts() + _python_mounts(cfg.site_packages)
+    args += _system_mounts() + _python_mounts(cfg.python, cfg.site_packages)
     size = ["--size", str(cfg.tmpfs_mb << 20)] if version >= (0, 7) else []
     args += ["--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", *size, "--tmpfs", WORKDIR,

@@ -1,4 +1,4 @@
-"""What a sandboxed run may use (:class:`SandboxConfig`) and what it did (:class:`SandboxResult`)."""
+"""What a sandboxed run may use (SandboxConfig) and what it did (SandboxResult)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class SandboxConfig:
         ``limits-only`` is an explicit, loudly logged opt-in to resource limits alone.
     ``site_packages``: expose the interpreter's site-packages (read-only); off by default,
         which keeps the program to the standard library and makes start-up ~4x faster.
+    ``python``: interpreter for the program; default: the one running posttrain. Another
+        interpreter's prefix (two levels above its binary) is bound read-only, and without
+        ``site_packages`` it runs with ``-S``.
     """
 
     timeout_s: float = 5.0
@@ -40,6 +43,7 @@ class SandboxConfig:
     max_open_files: int = 256
     isolation: Isolation = "auto"
     site_packages: bool = False
+    python: str | None = None
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATIONS:
