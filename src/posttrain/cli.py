@@ -45,6 +45,8 @@ OTHER_COMMANDS = {
     "init-tiny": "write the built-in tiny model + tokenizer as an HF directory",
     "chat": "chat with a saved model in the terminal (streaming)",
     "tasks": "list the built-in tasks usable as data=task:NAME",
+    "sandbox": "run untrusted Python isolated: sandbox run FILE.py | sandbox check",
+    "eval-code": "HumanEval pass@k, every sample run in the sandbox",
 }
 
 
@@ -59,9 +61,12 @@ def _usage() -> str:
 
 
 def _setup_logging() -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    # Logs go to stderr so that commands printing JSON keep stdout clean.
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+                          markup=False)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -128,8 +133,21 @@ def _cmd_tasks(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_sandbox(argv: list[str]) -> int:
+    from posttrain.sandbox.cli import main as sandbox_main
+
+    return sandbox_main(argv)
+
+
+def _cmd_eval_code(argv: list[str]) -> int:
+    from posttrain.evals.code import eval_code_main
+
+    return eval_code_main(argv)
+
+
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "demo": _cmd_demo, "init-tiny": _cmd_init_tiny, "chat": _cmd_chat, "tasks": _cmd_tasks,
+    "sandbox": _cmd_sandbox, "eval-code": _cmd_eval_code,
 }
 
 

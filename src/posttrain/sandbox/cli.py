@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--site-packages", action="store_true",
                      help="let the program import the interpreter's installed packages")
     run.add_argument("--stdin", default=None, help="file whose content is the program's stdin")
+    run.add_argument("--python", default=None,
+                     help="interpreter for the program (default: the one running posttrain)")
     sub.add_parser("check", help="report which isolation is available")
     return p
 
@@ -49,7 +51,7 @@ def _read(path: str) -> str:
 def _cmd_run(a: argparse.Namespace) -> int:
     cfg = SandboxConfig(timeout_s=a.timeout, memory_mb=a.memory, max_procs=a.max_procs,
                         max_output_bytes=a.max_output, isolation=a.isolation,
-                        site_packages=a.site_packages)
+                        site_packages=a.site_packages, python=a.python)
     stdin = _read(a.stdin) if a.stdin is not None else None
     res = run_program(_read(a.file), stdin=stdin, config=cfg)
     print(json.dumps(res.to_dict(), indent=2))

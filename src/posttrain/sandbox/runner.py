@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import pwd
 import secrets
 import selectors
 import shutil
@@ -60,11 +61,17 @@ def _launcher_source() -> str:
 # ---------------------------------------------------------------------------------- isolation
 
 
-@functools.cache
+_WORKING_BWRAP: set[str] = set()
+
+
 def probe_bwrap(bwrap: str) -> str | None:
-    """None if bwrap can run a program here, else bwrap's complaint (cached per process)."""
+    """None if bwrap can run a program here, else bwrap's complaint. Only success is
+    cached, so a failure under transient load is retried on the next call."""
+    if bwrap in _WORKING_BWRAP:
+        return None
     res = _run_bwrap(bwrap, "print('ok')", SandboxConfig(timeout_s=30.0), None)
     if res.status == "passed" and res.stdout.strip() == "ok":
+        _WORKING_BWRAP.add(bwrap)
         return None
     return (res.stderr.strip() or res.reason)[:500]
 
@@ -113,7 +120,7 @@ def run_program(code: str, *, stdin: str | None = None, config: SandboxConfig | 
     :class:`SandboxUnavailableError` when the requested isolation is unavailable.
     """
     cfg = make_config(config, overrides)
-    mode, bwrap = resolve_isolation(cfg.isolation)
+    _, bwrap = resolve_isolation(cfg.isolation)
     if bwrap is not None:
         return _run_bwrap(bwrap, code, cfg, stdin)
     return _run_limits_only(code, cfg, stdin)
@@ -138,8 +145,6 @@ class _UidPool:
         self._used: set[int] = set()
 
     def take(self) -> int:
-        import pwd
-
         with self._lock:
             while True:
                 uid = (1 << 30) + secrets.randbelow(1 << 30)
@@ -185,7 +190,7 @@ def _code_fd(code: str) -> Iterator[int]:
     # A memfd avoids a host temp file; bwrap copies it into the sandbox's /tmp/main.py.
     fd = os.memfd_create("posttrain-main.py")
     try:
-        os.write(fd, code.encode("utf-8", errors="surrogateescape"))
+        os.write(fd, code.encode("utf-8", errors="surrogatepass"))
         os.lseek(fd, 0, os.SEEK_SET)
         yield fd
     finally:
@@ -219,7 +224,7 @@ def _run_limits_only(code: str, cfg: SandboxConfig, stdin: str | None) -> Sandbo
         _check_reachable(python)
     workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
     try:
-        Path(workdir, MAIN).write_text(code, encoding="utf-8", errors="surrogateescape")
+        Path(workdir, MAIN).write_text(code, encoding="utf-8", errors="surrogatepass")
         with _run_uid() as uid:
             if uid >= 0:
                 os.chown(workdir, uid, uid)
@@ -310,7 +315,7 @@ def _register_stdin(sel: selectors.BaseSelector, proc: subprocess.Popen[bytes],
         return bytearray()
     os.set_blocking(proc.stdin.fileno(), False)
     sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
-    return bytearray(stdin.encode())
+    return bytearray(stdin.encode("utf-8", errors="surrogatepass"))
 
 
 def _register_exit(sel: selectors.BaseSelector, pid: int) -> int | None:
