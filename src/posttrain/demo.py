@@ -39,9 +39,9 @@ class DemoPlan:
 
 
 PLANS = {
-    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=150, sft_rows=2000, sft_steps=80,
+    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=2000, sft_steps=60,
                       eval_prompts=100),
-    "full": DemoPlan(pretrain_docs=12000, pretrain_steps=900, sft_rows=6000, sft_steps=300,
+    "full": DemoPlan(pretrain_docs=20000, pretrain_steps=700, sft_rows=8000, sft_steps=250,
                      eval_prompts=300),
 }
 
@@ -87,7 +87,7 @@ def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int
     t0 = time.perf_counter()
     held_out = build_task_rows("arithmetic", split="test", size=plan.eval_prompts, seed=seed)
 
-    base = _train_stage("base", out, f"tiny:tiny", f"task:corpus:size={plan.pretrain_docs}",
+    base = _train_stage("base", out, "tiny:tiny", f"task:corpus:size={plan.pretrain_docs}",
                         plan.pretrain_steps, 3e-3, plan, seed)
     sft = _train_stage("sft", out, str(base), f"task:chat:size={plan.sft_rows}",
                        plan.sft_steps, 2e-3, plan, seed)

@@ -15,6 +15,7 @@ use ``model_inputs(batch)``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence, Sized
 from typing import Any
 
@@ -63,6 +64,8 @@ def pack(examples: Sequence[Encoded]) -> Batch:
         labels (1, N) long: shifted targets, -100 at each sequence's last token.
         sequence_ids (1, N) long: which example (0..B-1) each token belongs to, for
             per-sequence sums (``index_add_``) in preference and policy-gradient losses.
+        cu_seq_lens (B + 1,) long: cumulative sequence lengths [0, l1, l1+l2, ..., N], the
+            varlen-attention boundaries (``posttrain.models.attention``).
         num_sequences, num_tokens, num_target_tokens: ints (labels != -100 count as targets).
     """
     _check(examples)
@@ -78,6 +81,7 @@ def pack(examples: Sequence[Encoded]) -> Batch:
         "position_ids": as_row(pos),
         "labels": as_row(labels),
         "sequence_ids": as_row(seq),
+        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(map(len, examples))]),
         **_counts(examples),
     }
 

@@ -6,6 +6,8 @@ import inspect
 
 from torch import Tensor, nn
 
+from posttrain.models.attention import packed_kwargs
+
 
 def _supports_logits_to_keep(model: nn.Module) -> bool:
     fwd = getattr(model, "forward", None)
@@ -16,7 +18,8 @@ def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
     """Logits at target positions and their targets.
 
     ``batch`` follows ``posttrain.data.batching``: ``input_ids`` (B, T), ``position_ids``
-    (B, T), optional ``attention_mask`` (B, T) (absent for packed rows), ``labels`` (B, T)
+    (B, T), optional ``attention_mask`` (B, T) (absent for packed rows, which carry
+    ``cu_seq_lens`` for varlen attention instead), ``labels`` (B, T)
     already shifted (-100 = no target). Returns ``logits`` (N, V) and ``targets`` (N,) for the
     N positions with a label, in row-major order.
     """
@@ -27,6 +30,7 @@ def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
         "position_ids": batch["position_ids"],
         "attention_mask": batch.get("attention_mask"),
         "use_cache": False,
+        **packed_kwargs(batch),
     }
     if _supports_logits_to_keep(model):
         logits = model(**kwargs, logits_to_keep=keep).logits

@@ -14,6 +14,7 @@ from posttrain.config import TrainConfig, save_config
 from posttrain.data.chat import Encoded, encode_row
 from posttrain.data.sources import load_rows
 from posttrain.errors import DataError, PosttrainError
+from posttrain.models.attention import enable_packed_attention
 from posttrain.models.io import load_model, load_tokenizer, resize_for_tokenizer
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.engine import pick_device, seed_everything
@@ -54,6 +55,7 @@ def load_policy(cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     model = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     resize_for_tokenizer(model, tokenizer)
+    enable_packed_attention(model)
     return model.to(pick_device()), tokenizer
 
 
