@@ -90,3 +90,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, chat_jsonl):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # no step logged twice
+
+
+def test_tensorboard_sink_and_gradient_checkpointing(tmp_path, chat_jsonl):
+    _run(tmp_path, "model=tiny:nano", f"data={chat_jsonl}", "max_steps=3", "batch_size=4",
+         "report_to=jsonl,tensorboard", "gradient_checkpointing=true", "packing=false")
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["train/loss"] > 0 for r in rows if "train/loss" in r)
+
+
+def test_packed_and_padded_runs_agree(tmp_path, chat_jsonl):
+    finals = [_run(tmp_path / p, "model=tiny:nano", f"data={chat_jsonl}", "max_steps=3",
+                   "batch_size=4", "precision=fp32", f"packing={p == 'packed'}")
+              for p in ("packed", "padded")]
+    a, b = (_weights(f) for f in finals)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

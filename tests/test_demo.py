@@ -1,0 +1,23 @@
+"""The quick demo end to end: SFT teaches the chat format the base model lacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.demo import run_demo
+
+
+@pytest.mark.slow
+def test_quick_demo_format_compliance(tmp_path):
+    run_demo(tmp_path, quick=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    stages = {s["name"]: s["metrics"] for s in report["stages"]}
+    assert list(stages) == ["base", "sft"]
+    assert stages["base"]["format_rate"] <= 0.2
+    assert stages["sft"]["format_rate"] >= 0.95
+    for m in stages.values():
+        assert 0.0 <= m["accuracy"] <= 1.0
+    assert (tmp_path / "report.md").read_text().startswith("# posttrain demo")
+    assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
