@@ -31,7 +31,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, report_to: list[str], config: dict[str, Any] | None = None):
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses nothing
+        # Line-buffered: a crash loses nothing. Closed in close(), so no context manager.
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
         self._tb = None
         self._wandb = None
         if "tensorboard" in report_to:
