@@ -17,6 +17,7 @@ from posttrain.data.batching import pack, pad
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import target_logits
+from posttrain.train import distributed as ddp
 from posttrain.train.engine import Engine, autocast_context
 from posttrain.train.loop import BatchStream, fit, total_steps
 from posttrain.train.run import encode_dataset, load_policy, move_batch, prepare_run
@@ -83,7 +84,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     enc = dict(formats=SFT_FORMATS, max_length=cfg.max_length, on_bad_row=cfg.on_bad_row)
     train = encode_dataset(cfg.data, tokenizer, **enc)
     collate = make_collate(tokenizer, cfg.packing, device)
-    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed)
+    info = ddp.current()
+    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed,
+                         rank=info.rank, world_size=info.world_size)
     eval_fn = None
     if cfg.eval_data:
         held_out = encode_dataset(cfg.eval_data, tokenizer, split="test", **enc)

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from transformers import get_scheduler
 
 from posttrain.config import TrainConfig
 from posttrain.errors import TrainingError
+from posttrain.models.lora import save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
+from posttrain.train import distributed as ddp
 from posttrain.train.metrics import MetricsLogger
 from posttrain.train.progress import Progress
 
@@ -72,11 +75,13 @@ class Engine:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.run_dir, self.total_steps = run_dir, total_steps
         self.device = next(model.parameters()).device
+        self.dist = ddp.current()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters")
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
             model.config.use_cache = False
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -90,37 +95,46 @@ class Engine:
         self.skipped_steps = 0
         self.bad_streak = 0
         self._save_model_fn = save_model_fn or self._default_save
-        self.metrics = MetricsLogger(run_dir, list(cfg.report_to))
-        self.progress = Progress(total_steps)
+        # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
+        self.train_model = ddp.wrap_ddp(model, self.dist)
+        sinks = list(cfg.report_to) if self.dist.is_main else []
+        self.metrics = MetricsLogger(run_dir, sinks, enabled=self.dist.is_main)
+        self.progress = Progress(total_steps, enabled=None if self.dist.is_main else False)
 
     # ---- one optimizer step -------------------------------------------------------------
     def update(self, micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict:
         """Accumulate gradients over ``micro_batches`` and take one optimizer step.
 
-        The normaliser is the sum of ``count_fn`` over all micro-batches, so the accumulated
-        gradient equals that of one large batch's mean (DESIGN.md §3).
+        The normaliser is the sum of ``count_fn`` over all micro-batches of all ranks, so the
+        accumulated gradient equals that of one large batch's mean (DESIGN.md §3). DDP
+        averages gradients over ranks, so each rank's loss is scaled by the world size.
         """
         t0 = time.perf_counter()
         self.model.train()
         counts = [float(count_fn(mb)) for mb in micro_batches]
-        normalizer = max(sum(counts), 1.0)
+        normalizer = max(ddp.all_reduce_sum(sum(counts), self.dist, self.device), 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         sums: dict[str, float] = {}
-        for mb, count in zip(micro_batches, counts, strict=True):
-            with autocast_context(self.cfg.precision, self.device):
-                loss, metrics = loss_fn(self.model, mb, normalizer)
-            loss.backward()
+        for i, (mb, count) in enumerate(zip(micro_batches, counts, strict=True)):
+            with self._maybe_no_sync(last=i == len(micro_batches) - 1):
+                with autocast_context(self.cfg.precision, self.device):
+                    loss, metrics = loss_fn(self.train_model, mb, normalizer)
+                (loss * self.dist.world_size).backward()
             total_loss += float(loss.detach())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * count / normalizer
+        total_loss = ddp.all_reduce_sum(total_loss, self.dist, self.device)
+        sums = {k: ddp.all_reduce_sum(v, self.dist, self.device) for k, v in sums.items()}
         grad_norm = self._clip()
         stepped = self._guarded_step(total_loss, grad_norm)
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        tokens = sum(int(mb.get("num_tokens", 0)) for mb in micro_batches)
-        samples = sum(int(mb.get("num_sequences", 0)) for mb in micro_batches)
+        tokens = ddp.all_reduce_sum(sum(int(mb.get("num_tokens", 0)) for mb in micro_batches),
+                                    self.dist, self.device)
+        samples = ddp.all_reduce_sum(
+            sum(int(mb.get("num_sequences", 0)) for mb in micro_batches), self.dist, self.device)
         out = {
             "train/loss": total_loss, "train/grad_norm": grad_norm,
             "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.skipped_steps,
@@ -132,6 +146,12 @@ class Engine:
             out["train/nonfinite"] = 1
         self.progress.advance(self.step, total_loss)
         return out
+
+    def _maybe_no_sync(self, last: bool) -> AbstractContextManager:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        if self.dist.enabled and not last:
+            return self.train_model.no_sync()
+        return nullcontext()
 
     def _clip(self) -> float:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
@@ -160,8 +180,12 @@ class Engine:
         self.metrics.log(self.step, metrics)
 
     def save(self, cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        """Atomic checkpoint of model + optimizer + scheduler + RNG + data cursor."""
+        """Atomic checkpoint of model + optimizer + scheduler + RNG + data cursor (rank 0)."""
         ckpt.assert_finite(self.model)
+        path = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}"
+        if not self.dist.is_main:
+            ddp.barrier(self.dist)
+            return path
         state = {
             "step": self.step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), "cursor": cursor,
@@ -172,6 +196,7 @@ class Engine:
             self.run_dir, self.step, self._save_model_fn, state, self.cfg.save_total_limit
         )
         log.info("saved checkpoint %s", path)
+        ddp.barrier(self.dist)
         return path
 
     def restore(self, checkpoint: Path) -> dict[str, Any]:
@@ -186,21 +211,26 @@ class Engine:
         self.progress.advance(self.step, None)
         return state
 
-    def _default_save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+    def _default_save(self, path: Path, final: bool = False) -> None:
+        # Full model, or under LoRA the adapter; final/ with lora.merge=true: merged weights.
+        merge = final and self.cfg.lora.merge
+        save_pretrained_for_run(self.model, self.tokenizer, path, merge=merge)
 
     def save_final(self) -> Path:
         ckpt.assert_finite(self.model)
         final = self.run_dir / "final"
+        if not self.dist.is_main:
+            ddp.barrier(self.dist)
+            return final
         tmp = self.run_dir / ".tmp-final"
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-        self._save_model_fn(tmp)
+        save = self._save_model_fn
+        (partial(save, final=True) if save == self._default_save else save)(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        ddp.barrier(self.dist)
         return final
 
     def close(self) -> None:

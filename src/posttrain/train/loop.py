@@ -17,6 +17,11 @@ class BatchStream:
 
     The order of epoch ``e`` is a permutation drawn from ``seed + e``, so the stream's whole
     state is ``(epoch, pos)``: restoring it resumes exactly where an interrupted run stood.
+
+    Under data parallelism every rank draws the same order and each step consumes
+    ``world_size * batch_size`` examples, rank ``r`` taking the r-th slice; a tail too short
+    to give every rank a full slice is dropped, so N ranks see exactly what one process with
+    an N-times larger batch would.
     """
 
     def __init__(
@@ -26,16 +31,24 @@ class BatchStream:
         collate: Callable[[list[Any]], Batch],
         seed: int,
         shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if len(examples) < world_size * batch_size and world_size > 1:
+            raise ValueError(f"{len(examples)} examples cannot fill one global batch of "
+                             f"{world_size} x {batch_size}")
         if not examples:
             raise ValueError("BatchStream needs at least one example")
         self.examples, self.batch_size, self.collate = examples, batch_size, collate
         self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.pos = 0, 0
         self._order = self._plan(0)
 
     def __len__(self) -> int:
-        """Micro-batches per epoch."""
+        """Micro-batches per epoch (per rank)."""
+        if self.world_size > 1:
+            return len(self.examples) // (self.batch_size * self.world_size)
         return math.ceil(len(self.examples) / self.batch_size)
 
     def _plan(self, epoch: int) -> list[int]:
@@ -45,11 +58,14 @@ class BatchStream:
         return torch.randperm(len(self.examples), generator=gen).tolist()
 
     def next(self) -> Batch:
-        if self.pos >= len(self._order):
+        span = self.batch_size * self.world_size
+        left = len(self._order) - self.pos
+        if left <= 0 or (self.world_size > 1 and left < span):
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._plan(self.epoch)
-        idx = self._order[self.pos : self.pos + self.batch_size]
-        self.pos += len(idx)
+        chunk = self._order[self.pos : self.pos + span]
+        self.pos += len(chunk)
+        idx = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return self.collate([self.examples[i] for i in idx])
 
     def state(self) -> dict[str, int]:

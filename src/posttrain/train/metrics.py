@@ -28,11 +28,13 @@ def _scalar(v: Any) -> float | int | None:
 class MetricsLogger:
     """Writes one JSON object per logged step; mirrors scalars to the requested sinks."""
 
-    def __init__(self, run_dir: Path, report_to: list[str], config: dict[str, Any] | None = None):
+    def __init__(self, run_dir: Path, report_to: list[str], config: dict[str, Any] | None = None,
+                 enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
         run_dir.mkdir(parents=True, exist_ok=True)
         # Line-buffered: a crash loses nothing. Closed in close(), so no context manager.
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+        self._file = open(self.path if enabled else os.devnull, "a", buffering=1)  # noqa: SIM115
         self._tb = None
         self._wandb = None
         if "tensorboard" in report_to:

@@ -16,14 +16,20 @@ from posttrain.data.sources import load_rows
 from posttrain.errors import DataError, PosttrainError
 from posttrain.models.attention import enable_packed_attention
 from posttrain.models.io import load_model, load_tokenizer, resize_for_tokenizer
+from posttrain.models.lora import apply_lora, is_adapter_dir
 from posttrain.train import checkpoint as ckpt
+from posttrain.train import distributed as ddp
 from posttrain.train.engine import pick_device, seed_everything
 
 log = logging.getLogger("posttrain")
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """Create ``output_dir``, save the resolved config, seed; return (run_dir, resume ckpt)."""
+    """Create ``output_dir``, save the resolved config, seed; return (run_dir, resume ckpt).
+
+    Joins the torchrun process group when launched with several processes.
+    """
+    info = ddp.init_distributed()
     run_dir = Path(cfg.output_dir)
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -33,11 +39,15 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
             f"output_dir '{run_dir}' already holds a run; pass resume=true to continue it "
             f"or choose another output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    ddp.barrier(info)  # every rank has checked the directory before rank 0 writes to it
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        if resume_from is not None:
+            step = ckpt.load_trainer_state(resume_from)["step"]
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
     seed_everything(cfg.seed)
-    if resume_from is not None:
-        _truncate_metrics(run_dir / "metrics.jsonl", ckpt.load_trainer_state(resume_from)["step"])
+    ddp.barrier(info)
     return run_dir, resume_from
 
 
@@ -51,11 +61,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def load_policy(cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
     """(model, tokenizer) from the config's spec, or from the checkpoint when resuming."""
-    spec = str(resume_from / "model") if resume_from is not None else cfg.model
+    # Under LoRA a checkpoint holds only the adapter: resume = base from cfg.model + adapter.
+    saved = resume_from / "model" if resume_from is not None else None
+    adapter = saved if saved is not None and is_adapter_dir(saved) else None
+    spec = str(saved) if saved is not None and adapter is None else cfg.model
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     model = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     resize_for_tokenizer(model, tokenizer)
     enable_packed_attention(model)
+    model = apply_lora(model, cfg.lora, adapter_dir=adapter)  # unchanged when lora.r == 0
     return model.to(pick_device()), tokenizer
 
 
