@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sft_loss(logits: Tensor, targets: Tensor, normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+def sft_loss(
+    logits: Tensor, targets: Tensor, normalizer: float
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Masked NLL summed over target tokens and divided by an explicit ``normalizer``.
 
     EQ 5.1:  L = - sum_t log pi(y_t | x, y_<t) / N

@@ -9,8 +9,20 @@ from torch import Tensor, nn
 from posttrain.models.attention import packed_kwargs
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP (``.module``) and peft (``get_base_model()``)."""
+    while True:
+        if hasattr(model, "get_base_model"):  # peft: PeftModel -> LoraModel -> HF model
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            model = model.module
+        else:
+            return model
+
+
 def _supports_logits_to_keep(model: nn.Module) -> bool:
-    fwd = getattr(model, "forward", None)
+    # Wrappers (peft, DDP) forward **kwargs to the HF model, so ask the model they wrap.
+    fwd = getattr(unwrap_model(model), "forward", None)
     return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
 
 

@@ -1,7 +1,8 @@
 """Load and save policy models and tokenizers in HF format.
 
-Model specs: a local HF directory, a hub id, or ``tiny`` / ``tiny:SIZE`` for the built-in
-tiny Llama (see ``posttrain.models.tiny``). Weights are kept in fp32 (the engine autocasts to
+Model specs: a local HF directory, a hub id, a ``.gguf`` file, ``pkg:NAME`` (a GGUF shipped
+in an installed package), or ``tiny`` / ``tiny:SIZE`` for the built-in tiny Llama; see
+``posttrain.models.resolve``. Weights are kept in fp32 (the engine autocasts to
 bf16) unless ``dtype`` says otherwise. ``trust_remote_code`` is off unless asked for.
 """
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from posttrain.data.chat import ensure_chat_template
 from posttrain.errors import PosttrainError
 from posttrain.models import tiny
+from posttrain.models.resolve import resolve_spec
 
 log = logging.getLogger("posttrain")
 
@@ -36,6 +38,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):  # noqa: ANN2
     """The tokenizer of a model spec, with a chat template guaranteed (ChatML if it had none)."""
     if _tiny_size(spec):
         return tiny.build_tokenizer()
+    spec = resolve_spec(spec)  # GGUF / pkg: -> cached HF directory
     try:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -59,6 +62,7 @@ def load_model(
     size = _tiny_size(spec)
     if size:
         return tiny.build_model(size, seed=seed).to(dtype)
+    spec = resolve_spec(spec)  # GGUF / pkg: -> cached HF directory
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec,

@@ -49,4 +49,4 @@ def build_task_rows(
 
 def _load_builtin() -> None:
     # Imported lazily so that registering tasks never slows down `import posttrain`.
-    from posttrain.tasks import builtin  # noqa: F401
+    from posttrain.tasks import builtin, preference, rl  # noqa: F401

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against TRL (``python -m benchmarks.run sft``)."""

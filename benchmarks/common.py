@@ -1,0 +1,117 @@
+"""Benchmark helpers shared by every side-by-side benchmark (SFT now; DPO/GRPO/PPO later).
+
+- ``matmul_peak``: the machine's bf16 (or fp32) GEMM FLOP/s, measured in the same run, since
+  a shared machine's speed moves from minute to minute.
+- ``train_flops_per_token``: model FLOPs of one training token (forward + backward), the same
+  formula for both sides, so MFU ratios equal throughput ratios.
+- ``StepClock`` / ``throughput``: wall-clock from one step's end to the next (data loading,
+  logging and the optimizer included), warm-up steps dropped.
+- ``run_side``: each side runs in a fresh subprocess, so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: float = 3.0,
+                device: str = "cpu") -> float:
+    """Best observed FLOP/s of an (n, n) @ (n, n) GEMM in ``dtype`` (2 n^3 FLOPs each)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b  # warm-up: thread pool, kernel selection
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def train_flops_per_token(config: Any, mean_seq_len: float) -> float:
+    """Training FLOPs per token: 6 N + 6 L d l (Kaplan et al. 2020; PaLM appendix B).
+
+    N counts every matmul weight a token passes through: the transformer blocks and the LM
+    head over the full vocabulary (tied or not), not the embedding lookup. The attention
+    term is the causal (half) QK^T and AV products for a sequence of mean length ``l``:
+    2 matmuls x 2 FLOPs x l/2 keys x d, times 3 for forward + backward.
+    """
+    d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    attn = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o + k, v
+    mlp = 3 * d * config.intermediate_size  # gate, up, down
+    n_matmul = L * (attn + mlp) + d * V
+    return 6 * n_matmul + 6 * L * heads * head_dim * mean_seq_len
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class StepClock:
+    """Timestamps at each step's end, and the tokens each step processed."""
+
+    ends: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def step_done(self, tokens: int) -> None:
+        self.ends.append(time.perf_counter())
+        self.tokens.append(int(tokens))
+
+
+def throughput(clock: StepClock, warmup: int) -> dict[str, float]:
+    """Tokens/s and s/step over the steps after ``warmup`` (needs >= warmup + 1 steps)."""
+    if len(clock.ends) <= warmup:
+        raise ValueError(f"only {len(clock.ends)} steps timed; need more than warmup={warmup}")
+    t0 = clock.ends[warmup - 1] if warmup > 0 else clock.start
+    dt = clock.ends[-1] - t0
+    tokens = sum(clock.tokens[warmup:])
+    steps = len(clock.ends) - warmup
+    return {"tokens_per_s": tokens / dt, "s_per_step": dt / steps, "timed_steps": steps,
+            "timed_tokens": tokens}
+
+
+def run_side(args: list[str], timeout: float = 3600) -> dict[str, Any]:
+    """Run ``python -m benchmarks.run <args>`` in a fresh process; its last stdout line is JSON."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark side {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def random_words(rng: random.Random, n: int) -> str:
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "be", "do", "fu", "ga", "hi"]
+    return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+                    for _ in range(n))
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-markdown table."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)])

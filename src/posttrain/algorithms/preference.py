@@ -1,0 +1,412 @@
+"""Offline preference optimisation (seed §5.5, EQ 5.5): DPO, robust/cDPO, IPO, hinge, KTO,
+ORPO, SimPO. ``posttrain dpo loss=...``; ``posttrain kto|orpo|simpo`` preset ``loss``.
+
+    rows -> (chosen, rejected) token sequences
+    reference log-probs: computed once before training, cached on disk by fingerprint
+        (reference-free losses, orpo and simpo, load no reference at all)
+    for each step: ONE packed forward over [c_1, r_1, c_2, r_2, ...] (no padding)
+                   -> summed completion log-probs per sequence (index_add over sequence ids)
+                   -> losses.preference.<loss>(...) / pairs in the whole step
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from posttrain.config import TrainConfig
+from posttrain.data.batching import pack
+from posttrain.data.chat import Encoded, encode_preference, encode_prompt_completion
+from posttrain.data.sources import load_rows
+from posttrain.errors import ConfigError, DataError
+from posttrain.losses import preference as L
+from posttrain.models.io import load_model
+from posttrain.models.logprobs import (
+    AdapterDisabledReference,
+    FrozenReference,
+    Reference,
+    default_cache_dir,
+    precompute_reference,
+    sequence_logprobs,
+)
+from posttrain.train.engine import Engine, autocast_context
+from posttrain.train.loop import BatchStream, fit, total_steps
+from posttrain.train.run import load_policy, move_batch, prepare_run
+
+log = logging.getLogger("posttrain")
+
+LOSSES = ("dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")
+LENGTH_NORMALISED = ("ipo", "orpo", "simpo")
+# beta when left unset: DPO/IPO/hinge/KTO 0.1 (TRL's default); SimPO 2.0 (paper); ORPO's
+# lambda 0.1 (paper).
+DEFAULT_BETA = {"simpo": 2.0}
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    loss: Literal["dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo"] = field(
+        default="dpo", metadata={"help": "dpo | robust | ipo | hinge | kto | orpo | simpo"})
+    beta: float | None = field(default=None, metadata={
+        "help": "dpo/robust/hinge/kto beta, ipo tau, simpo beta, orpo lambda; null = the "
+                "loss's default (0.1; simpo 2.0)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "label-noise rate eps: cDPO for loss=dpo, rDPO for loss=robust"})
+    simpo_gamma: float = field(default=1.0, metadata={"help": "SimPO target reward margin"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable"})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight, undesirable"})
+    nll_weight: float = field(default=0.0, metadata={
+        "help": "add this x token-mean NLL of the chosen (RPO); 0 = plain loss"})
+    precompute_ref: bool = field(default=True, metadata={
+        "help": "reference log-probs once before training (cached), else every step"})
+    ref_cache_dir: str | None = field(default=None, metadata={
+        "help": "reference cache dir; null = $POSTTRAIN_CACHE or ~/.cache/posttrain"})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "reference model spec; null = the starting policy (model)"})
+    lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data is None:
+            raise ConfigError(f"config key 'data' is required for {self.loss} "
+                              "(preference rows: prompt, chosen, rejected)")
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss in REFERENCE_FREE and self.ref_model:
+            log.warning("loss=%s is reference-free: ref_model is ignored", self.loss)
+
+    @property
+    def beta_value(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.1)
+
+
+@dataclass
+class KTOConfig(DPOConfig):
+    loss: Literal["dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo"] = field(
+        default="kto", metadata={"help": "dpo | robust | ipo | hinge | kto | orpo | simpo"})
+
+
+@dataclass
+class ORPOConfig(DPOConfig):
+    loss: Literal["dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo"] = field(
+        default="orpo", metadata={"help": "dpo | robust | ipo | hinge | kto | orpo | simpo"})
+
+
+@dataclass
+class SimPOConfig(DPOConfig):
+    loss: Literal["dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo"] = field(
+        default="simpo", metadata={"help": "dpo | robust | ipo | hinge | kto | orpo | simpo"})
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """One example: two sequences (chosen, rejected) or, for KTO, (completion, mismatched
+    completion for the KL estimate); ``label`` is KTO's desirable flag, ``margin`` the
+    optional reward-model margin."""
+
+    a: Encoded
+    b: Encoded
+    index: int
+    margin: float = 0.0
+    label: bool = True
+
+
+@dataclass
+class PairSet:
+    examples: list[Pair]
+    rows: int
+    skipped_rows: int
+    truncated: int
+    dropped: int
+
+    def stats(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}/rows": self.rows, f"{prefix}/pairs": len(self.examples),
+                f"{prefix}/skipped_rows": self.skipped_rows,
+                f"{prefix}/truncated_rows": self.truncated, f"{prefix}/dropped_rows": self.dropped}
+
+    def sequences(self) -> list[Encoded]:
+        return [s for p in self.examples for s in (p.a, p.b)]
+
+
+def _usable(a: Encoded, b: Encoded, paired: bool) -> bool:
+    # Truncation can empty a response or make chosen == rejected: such a pair teaches nothing.
+    return a.num_targets > 0 and b.num_targets > 0 and not (paired and a.input_ids == b.input_ids)
+
+
+def _finish(spec: str, examples: list[Pair], rows: int, skipped: int, truncated: int,
+            dropped: int, max_length: int) -> PairSet:
+    if truncated:
+        log.warning("%s: %d of %d rows truncated to max_length=%d", spec, truncated, rows,
+                    max_length)
+    if dropped:
+        log.warning("%s: %d rows dropped (a response empty, or chosen == rejected, after "
+                    "truncation to max_length=%d)", spec, dropped, max_length)
+    if not examples:
+        raise DataError(f"{spec}: no usable preference row (is max_length={max_length} shorter "
+                        "than the prompts?)")
+    return PairSet(examples, rows, skipped, truncated, dropped)
+
+
+def encode_pairs(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
+                 split: str = "train") -> PairSet:
+    """Validated preference rows -> (chosen, rejected) pairs. Bad rows (missing field, empty
+    response, chosen == rejected) raise DataError, or are counted when ``on_bad_row=skip``."""
+    rows = load_rows(spec, split=split, formats=("preference",), on_bad_row=on_bad_row)
+    out, truncated, dropped = [], 0, 0
+    for row in rows.rows:
+        c, r = encode_preference(tokenizer, row, max_length)
+        truncated += c.truncated or r.truncated
+        if not _usable(c, r, paired=True):
+            dropped += 1
+            continue
+        out.append(Pair(c, r, len(out), margin=float(row.get("margin") or 0.0)))
+    return _finish(spec, out, len(rows.rows), rows.skipped, truncated, dropped, max_length)
+
+
+def unpaired_rows(spec: str, *, split: str, on_bad_row: str) -> tuple[list[tuple], int]:
+    """(prompt, completion, desirable) triples; preference rows are split into two (the
+    chosen desirable, the rejected not), as KTO's paper does for paired data."""
+    rows = load_rows(spec, split=split, formats=("unpaired", "preference"), on_bad_row=on_bad_row)
+    if rows.format == "unpaired":
+        return [(r["prompt"], r["completion"], bool(r["label"])) for r in rows.rows], rows.skipped
+    items = []
+    for r in rows.rows:
+        items += [(r["prompt"], r["chosen"], True), (r["prompt"], r["rejected"], False)]
+    return items, rows.skipped
+
+
+def encode_unpaired(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
+                    split: str = "train") -> PairSet:
+    """KTO examples: each completion with a *mismatched* one (another row's completion after
+    this row's prompt), whose log-ratio estimates KL(pi || pi_ref) (KTO paper, §4.1)."""
+    items, skipped = unpaired_rows(spec, split=split, on_bad_row=on_bad_row)
+    n = len(items)
+    # Two rows ahead: auto-unpaired data interleaves (chosen, rejected) of one prompt.
+    step = 2 if n > 2 else 1
+    out, truncated, dropped = [], 0, 0
+    for i, (prompt, completion, label) in enumerate(items):
+        y = encode_prompt_completion(tokenizer, prompt, completion, max_length)
+        kl = encode_prompt_completion(tokenizer, prompt, items[(i + step) % n][1], max_length)
+        truncated += y.truncated
+        if not _usable(y, kl, paired=False):
+            dropped += 1
+            continue
+        out.append(Pair(y, kl, len(out), label=label))
+    return _finish(spec, out, n, skipped, truncated, dropped, max_length)
+
+
+def make_collate(device: torch.device, ref: Tensor | None, kto: bool):  # noqa: ANN201
+    """Micro-batch of pairs: one packed row of all 2B sequences [a_1, b_1, a_2, b_2, ...]
+    (KTO: the B completions, and the B KL sequences as a separate no-grad ``kl_batch``)."""
+
+    def collate(pairs: list[Pair]) -> dict[str, Any]:
+        idx = torch.tensor([p.index for p in pairs])
+        if kto:
+            batch = pack([p.a for p in pairs])
+            batch["kl_batch"] = move_batch(pack([p.b for p in pairs]), device)
+            batch["desirable"] = torch.tensor([p.label for p in pairs])
+        else:
+            batch = pack([s for p in pairs for s in (p.a, p.b)])
+            batch["margin"] = torch.tensor([p.margin for p in pairs])
+        batch["num_pairs"] = len(pairs)
+        if ref is not None:
+            batch["ref_logps"] = ref[idx].reshape(-1)  # (2B,) in the same a/b interleaving
+        return move_batch(batch, device)
+
+    return collate
+
+
+def count_pairs(batch: dict[str, Any]) -> float:
+    return float(batch["num_pairs"])
+
+
+# ---- the step --------------------------------------------------------------------------
+
+
+class SaturationWatch:
+    """Warn once when most pairs are saturated (INSTRUMENT 5.1): they no longer teach."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, metrics: dict[str, Tensor]) -> None:
+        frac = next((v for k, v in metrics.items() if k.endswith("/saturated_frac")), None)
+        if frac is not None and not self.warned and float(frac) > 0.5:
+            self.warned = True
+            log.warning("%.0f%% of pairs are saturated (gradient weight sigma(-margin) < %.2f): "
+                        "they stop teaching; lower beta or lr, or add harder pairs",
+                        100 * float(frac), L.SATURATION)
+
+
+def _ref_logps(batch: dict[str, Any], reference: Reference | None) -> Tensor:
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    assert reference is not None, "a reference-based loss needs ref_logps or a reference"
+    return reference.logprobs(batch)
+
+
+def make_step(cfg: DPOConfig, reference: Reference | None):  # noqa: ANN201
+    """loss_fn(model, batch, normalizer) for the engine; ``reference`` is used only when the
+    batch carries no precomputed ``ref_logps``."""
+    beta, watch = cfg.beta_value, SaturationWatch()
+
+    def pair_step(model: nn.Module, batch: dict[str, Any], normalizer: float):  # noqa: ANN202
+        logps, lengths = sequence_logprobs(model, batch)  # (2B,), (2B,)
+        pc, pr, nc, nr = logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
+        if cfg.loss == "simpo":
+            loss, m = L.simpo_loss(pc / nc, pr / nr, normalizer, beta=beta, gamma=cfg.simpo_gamma)
+        elif cfg.loss == "orpo":
+            loss, m = L.orpo_loss(pc / nc, pr / nr, normalizer, lam=beta)
+        else:
+            ref = _ref_logps(batch, reference)
+            rc, rr = ref[0::2], ref[1::2]
+            if cfg.loss == "ipo":
+                pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+            loss, m = L.dpo_loss(pc, pr, rc, rr, normalizer, beta=beta, variant=cfg.loss,
+                                 label_smoothing=cfg.label_smoothing)
+        if cfg.nll_weight > 0:
+            nll, m2 = L.chosen_nll(logps[0::2] / nc, normalizer, cfg.nll_weight)
+            loss, m = loss + nll, {**m, **m2}
+        m["logps/chosen"] = logps[0::2].detach().mean()
+        m["logps/rejected"] = logps[1::2].detach().mean()
+        watch(m)
+        return loss, m
+
+    def kto_step(model: nn.Module, batch: dict[str, Any], normalizer: float):  # noqa: ANN202
+        logps, _ = sequence_logprobs(model, batch)  # (B,)
+        kl_batch = batch["kl_batch"]
+        with torch.no_grad():
+            kl_logps, _ = sequence_logprobs(model, kl_batch)
+        if "ref_logps" in batch:
+            ref, ref_kl = batch["ref_logps"][0::2], batch["ref_logps"][1::2]
+        else:
+            ref, ref_kl = reference.logprobs(batch), reference.logprobs(kl_batch)
+        kl = (kl_logps.float() - ref_kl).mean()
+        loss, m = L.kto_loss(logps, ref, batch["desirable"], kl, normalizer, beta=beta,
+                             desirable_weight=cfg.desirable_weight,
+                             undesirable_weight=cfg.undesirable_weight)
+        d = batch["desirable"]
+        if d.any():
+            m["logps/chosen"] = logps.detach()[d].mean()
+        if (~d).any():
+            m["logps/rejected"] = logps.detach()[~d].mean()
+        return loss, m
+
+    return kto_step if cfg.loss == "kto" else pair_step
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_margin(model: nn.Module, pairs: list[Pair], batch_size: int, precision: str,
+                    paired: bool = True) -> dict[str, float]:
+    """Held-out mean log-prob of chosen, rejected, and their margin (summed over tokens).
+    For unpaired KTO data, 'chosen' = desirable and 'rejected' = undesirable completions."""
+    model.eval()
+    device = next(model.parameters()).device
+    good, bad, wins = [], [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        seqs = [s for p in chunk for s in (p.a, p.b)] if paired else [p.a for p in chunk]
+        with autocast_context(precision, device):
+            logps, _ = sequence_logprobs(model, move_batch(pack(seqs), device))
+        logps = logps.float().cpu()
+        if paired:
+            good += logps[0::2].tolist()
+            bad += logps[1::2].tolist()
+            wins += (logps[0::2] > logps[1::2]).tolist()
+        else:
+            for p, lp in zip(chunk, logps.tolist(), strict=True):
+                (good if p.label else bad).append(lp)
+    model.train()
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    out = {"eval/logps_chosen": mean(good), "eval/logps_rejected": mean(bad),
+           "eval/logps_margin": mean(good) - mean(bad)}
+    if paired:
+        out["eval/logps_accuracy"] = mean(wins)
+    return out
+
+
+# ---- the recipe ------------------------------------------------------------------------
+
+
+def build_reference(cfg: DPOConfig, model: nn.Module, resume_from: Path | None,
+                    device: torch.device) -> Reference:
+    """The frozen reference: ``ref_model`` if given; else the starting policy: its base with
+    LoRA adapters disabled (peft model), or a frozen copy (also when resuming, where the
+    loaded policy is the checkpoint's and the reference must be reloaded from ``model``)."""
+    ac = lambda: autocast_context(cfg.precision, device)  # noqa: E731
+    if cfg.ref_model or resume_from is not None:
+        spec = cfg.ref_model or cfg.model
+        ref = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+        from posttrain.models.attention import enable_packed_attention
+
+        enable_packed_attention(ref)
+        return FrozenReference(ref.to(device), ac)
+    if hasattr(model, "disable_adapter"):
+        return AdapterDisabledReference(model, ac)
+    return FrozenReference(model, ac)
+
+
+def train_preference(cfg: DPOConfig) -> Path:
+    """Run the configured preference loss end to end; returns the final HF model dir."""
+    run_dir, resume_from = prepare_run(cfg)
+    model, tokenizer = load_policy(cfg, resume_from)
+    device = next(model.parameters()).device
+    kto = cfg.loss == "kto"
+    enc = dict(max_length=cfg.max_length, on_bad_row=cfg.on_bad_row)
+    train = (encode_unpaired if kto else encode_pairs)(cfg.data, tokenizer, **enc)
+
+    reference, ref_table, ref_stats = None, None, {}
+    if cfg.loss not in REFERENCE_FREE:
+        reference = build_reference(cfg, model, resume_from, device)
+        if cfg.precompute_ref:
+            cache = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
+            values, ref_stats = precompute_reference(
+                reference, train.sequences(), batch_size=2 * cfg.batch_size, device=device,
+                cache_dir=cache, tag=cfg.precision)
+            ref_table = values.reshape(-1, 2)
+            reference = None  # frees the frozen copy: precomputed values are all we need
+
+    stream = BatchStream(train.examples, cfg.batch_size, make_collate(device, ref_table, kto),
+                         seed=cfg.seed)
+    eval_fn = None
+    if cfg.eval_data:
+        held = (encode_pairs(cfg.eval_data, tokenizer, split="test", **enc) if not kto else
+                _kto_eval_set(cfg.eval_data, tokenizer, enc))
+        paired = not (kto and held.examples and held.examples[0].b is held.examples[0].a)
+        eval_fn = lambda: evaluate_margin(model, held.examples, 2 * cfg.batch_size,  # noqa: E731
+                                          cfg.precision, paired)
+
+    steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
+    engine = Engine(cfg, model, tokenizer, run_dir, steps)
+    if resume_from is not None:
+        stream.load_state(engine.restore(resume_from)["cursor"])
+    engine.log({**train.stats("data"), **ref_stats})
+    try:
+        fit(engine, stream, make_step(cfg, reference), count_pairs, eval_fn)
+        return engine.save_final()
+    finally:
+        engine.close()
+
+
+def _kto_eval_set(spec: str, tokenizer: Any, enc: dict[str, Any]) -> PairSet:
+    """Held-out data for KTO: preference pairs if it has them, else unpaired rows (each
+    example's ``b`` is then itself, marking 'unpaired' for ``evaluate_margin``)."""
+    try:
+        return encode_pairs(spec, tokenizer, split="test", **enc)
+    except DataError:
+        items = encode_unpaired(spec, tokenizer, split="test", **enc)
+        return PairSet([Pair(p.a, p.a, p.index, label=p.label) for p in items.examples],
+                       items.rows, items.skipped_rows, items.truncated, items.dropped)

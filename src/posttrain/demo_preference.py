@@ -1,0 +1,114 @@
+"""The demo's preference stages: a reward model and DPO on the toy safety preferences.
+
+``demo.py`` calls, after its SFT stage:
+
+    sft_stage["metrics"].update(safety_metrics(sft_dir, plan, seed))   # before
+    stages.append(run_rm_stage(out, plan, sft_dir, seed))               # held-out accuracy
+    stages.append(run_dpo_stage(out, plan, sft_dir, seed))              # after
+
+The SFT model never saw a request for a secret; DPO teaches it to refuse those (refusal >
+compliance) while still answering benign requests (helpful answer > needless refusal).
+Evaluation prompts are held-out phrasings and combinations (``task:safety_prompts``,
+``split=test``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.algorithms.preference import DPOConfig, encode_pairs, train_preference
+from posttrain.algorithms.reward_model import RMConfig, score_pairs, train_reward_model
+from posttrain.config import load_config
+from posttrain.evals.refusal import refusal_rates
+from posttrain.models.io import load_model, load_tokenizer
+from posttrain.models.reward import load_reward_model
+from posttrain.tasks.registry import build_task_rows
+
+log = logging.getLogger("posttrain")
+
+
+@dataclass(frozen=True)
+class PreferencePlan:
+    rm_rows: int
+    rm_steps: int
+    dpo_rows: int
+    dpo_steps: int
+    eval_prompts: int  # half harmful, half benign
+    eval_pairs: int
+    batch_size: int = 32
+    rm_lr: float = 1e-3
+    dpo_lr: float = 1e-3
+    beta: float = 0.1
+    nll_weight: float = 0.0
+
+
+PLANS = {
+    "quick": PreferencePlan(rm_rows=640, rm_steps=20, dpo_rows=960, dpo_steps=30,
+                            eval_prompts=80, eval_pairs=200),
+    "full": PreferencePlan(rm_rows=3200, rm_steps=100, dpo_rows=4000, dpo_steps=120,
+                           eval_prompts=300, eval_pairs=600),
+}
+
+MAX_NEW_TOKENS = 16  # "Sorry, I can't" is decided within the first 16 bytes
+
+
+def _plan(plan: str | PreferencePlan) -> PreferencePlan:
+    return PLANS[plan] if isinstance(plan, str) else plan
+
+
+def safety_metrics(model_dir: str | Path, plan: str | PreferencePlan = "quick",
+                   seed: int = 0) -> dict[str, float]:
+    """``refusal_rate`` / ``over_refusal_rate`` of a causal LM on held-out safety prompts."""
+    p = _plan(plan)
+    rows = build_task_rows("safety_prompts", split="test", size=p.eval_prompts, seed=seed)
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    metrics, samples = refusal_rates(model, tok, rows, max_new_tokens=MAX_NEW_TOKENS)
+    log.info("safety eval %s: %s; e.g. %s", model_dir, metrics, samples[:2])
+    return metrics
+
+
+def _overrides(out: Path, name: str, model: str, steps: int, lr: float, p: PreferencePlan,
+               seed: int) -> list[str]:
+    return [f"model={model}", f"output_dir={out / name}", f"max_steps={steps}",
+            f"batch_size={p.batch_size}", f"lr={lr}", "warmup_steps=3", "max_length=256",
+            "lr_scheduler=cosine", f"seed={seed}", "logging_steps=10"]
+
+
+def run_rm_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Path,
+                 seed: int = 0) -> dict[str, Any]:
+    """Train a Bradley–Terry RM from the SFT model on ``task:pref_safety``; report held-out
+    pairwise ``accuracy`` (and mean ``margin``)."""
+    p, out, t0 = _plan(plan), Path(out), time.perf_counter()
+    data = f"task:pref_safety:size={p.rm_rows}"
+    cfg = load_config(RMConfig, None, [
+        *_overrides(out, "rm", str(sft_dir), p.rm_steps, p.rm_lr, p, seed), f"data={data}"])
+    final = train_reward_model(cfg)
+    model, tok = load_reward_model(str(final)), load_tokenizer(str(final))
+    held = encode_pairs(f"task:pref_safety:size={p.eval_pairs}", tok, max_length=256,
+                        split="test")
+    r = score_pairs(model, held.examples)
+    metrics = {"accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
+               "margin": float((r[:, 0] - r[:, 1]).mean()),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("stage rm: %s", metrics)
+    return {"name": "rm", "metrics": metrics, "model": str(final)}
+
+
+def run_dpo_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Path,
+                  seed: int = 0) -> dict[str, Any]:
+    """DPO from the SFT model on ``task:pref_safety``; report ``refusal_rate`` on held-out
+    harmful prompts and ``over_refusal_rate`` on held-out benign prompts."""
+    p, out, t0 = _plan(plan), Path(out), time.perf_counter()
+    cfg = load_config(DPOConfig, None, [
+        *_overrides(out, "dpo", str(sft_dir), p.dpo_steps, p.dpo_lr, p, seed),
+        f"data=task:pref_safety:size={p.dpo_rows}", "loss=dpo", f"beta={p.beta}",
+        f"nll_weight={p.nll_weight}", f"ref_cache_dir={out / 'ref_cache'}"])
+    final = train_preference(cfg)
+    metrics = safety_metrics(final, p, seed)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("stage dpo: %s", metrics)
+    return {"name": "dpo", "metrics": metrics, "model": str(final)}

@@ -1,0 +1,90 @@
+"""Reward functions by name, for configs: ``rewards: [numeric, format]`` or ``[auto]``.
+
+| name        | scores                                                   | needs column        |
+|-------------|----------------------------------------------------------|---------------------|
+| `numeric`   | last number of the answer == truth (tolerance 1e-6 rel)  | `answer`            |
+| `exact`     | answer text == truth (case-insensitive)                  | `answer`            |
+| `math`      | symbolic equivalence via math-verify                     | `answer`            |
+| `format`    | `<think>…</think><answer>…</answer>` format (EQ 5.7)     | -                   |
+| `countdown` | expression uses the numbers once and hits the target     | `numbers`, `target` |
+| `rg`        | the reasoning-gym task's own scorer                      | `rg_entry`          |
+| `code`      | fraction of unit tests passed, in the sandbox            | `tests`             |
+| `code_all`  | 1 if every unit test passes, in the sandbox              | `tests`             |
+| `pkg.mod:fn`| any importable RewardFn                                  | (its own)           |
+
+``auto`` picks from the data: ``task:countdown`` -> countdown, ``rg:`` -> rg, rows with
+``tests`` -> code, with ``rg_entry`` -> rg, with ``answer`` -> numeric for ``task:arithmetic``
+and math otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from posttrain.errors import ConfigError
+from posttrain.rewards.verifiers import (
+    ExactMatch,
+    MathVerify,
+    NumericMatch,
+    ReasoningGymScore,
+    RegexFormat,
+    VerifierReward,
+)
+
+
+def _code(mode: str) -> Callable[[], Any]:
+    def make() -> Any:
+        from posttrain.rewards.code import CodeReward
+
+        return CodeReward(mode)  # type: ignore[arg-type]
+
+    return make
+
+
+def _countdown() -> Any:
+    from posttrain.tasks.rl import CountdownCheck
+
+    return VerifierReward(CountdownCheck(), ("numbers", "target"))
+
+
+REWARDS: dict[str, Callable[[], Any]] = {
+    "numeric": lambda: VerifierReward(NumericMatch()),
+    "exact": lambda: VerifierReward(ExactMatch()),
+    "math": lambda: VerifierReward(MathVerify()),
+    "format": lambda: VerifierReward(RegexFormat(), None),
+    "countdown": _countdown,
+    "rg": lambda: VerifierReward(ReasoningGymScore(), "rg_entry"),
+    "code": _code("fraction"),
+    "code_all": _code("all_pass"),
+}
+
+
+def build_reward(name: str) -> Any:
+    """A RewardFn by registry name or ``module.path:function``."""
+    if name in REWARDS:
+        return REWARDS[name]()
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"reward {name!r}: cannot import it ({e})") from None
+    raise ConfigError(f"unknown reward {name!r}; choose from {sorted(REWARDS)} or give "
+                      f"'package.module:function'")
+
+
+def auto_reward_names(data_spec: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The verifier that fits a dataset (see the module docstring)."""
+    cols = set(rows[0]) if rows else set()
+    if data_spec.startswith("task:countdown") or {"numbers", "target"} <= cols:
+        return ["countdown"]
+    if data_spec.startswith("rg:") or "rg_entry" in cols:
+        return ["rg"]
+    if "tests" in cols:
+        return ["code"]
+    if "answer" in cols:
+        return ["numeric"] if data_spec.startswith("task:arithmetic") else ["math"]
+    raise ConfigError(f"rewards=auto: cannot tell which verifier fits {data_spec} (its rows have "
+                      f"columns {sorted(cols)}); set rewards explicitly")

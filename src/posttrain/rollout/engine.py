@@ -1,0 +1,147 @@
+"""The built-in rollout engine: batched sampling with a KV cache (DESIGN.md §2, §5.1).
+
+    prompts (B) --prefill once--> cache (B) --repeat n--> cache (B*n) --decode--> completions
+
+Each distinct prompt is prefilled once; its keys/values are then repeated for its ``n``
+samples, so a GRPO group pays for its prompt once. Decoding is a plain loop over the model's
+forward with a ``DynamicCache`` (no ``generate`` machinery per step), and rows that have
+finished are dropped from the batch (and the cache) as they finish, so long-tail
+completions do not keep the finished ones computing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from posttrain.rollout.protocol import FinishReason, Rollouts, SamplingParams
+from posttrain.rollout.sampling import sample_tokens
+from posttrain.train.engine import autocast_context
+
+# Drop finished rows from the batch once this fraction of it has finished (a cache copy
+# per finished row would cost more than it saves for tiny models).
+_COMPACT_FRAC = 0.25
+
+
+def default_stop_ids(model: nn.Module, tokenizer: Any | None = None) -> tuple[int, ...]:
+    """The model's EOS ids (generation config), plus the tokenizer's EOS and end-of-turn."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer is not None:
+        from posttrain.data.chat import end_of_turn_token_id
+
+        ids.update(i for i in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer))
+                   if i is not None)
+    return tuple(sorted(ids))
+
+
+class KVCacheGenerator:
+    """Samples from ``model`` itself (no weight copy: after an optimizer step the next
+    ``generate`` already uses the new weights).
+
+    ``stop_token_ids`` are always stop tokens, in addition to each call's own;
+    ``tokenizer`` is needed only for ``stop_strings``; ``precision='bf16'`` autocasts.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any | None = None, *,
+                 stop_token_ids: Sequence[int] = (), precision: str = "fp32",
+                 pad_token_id: int | None = None):
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.stop_token_ids = tuple(stop_token_ids)
+        pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = 0 if pad is None else int(pad)
+
+    def update_weights(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int,
+                 sampling: SamplingParams) -> Rollouts:
+        if not prompt_token_ids or any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("generate needs at least one prompt, and no empty prompt")
+        if sampling.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer")
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast_context(self.precision, self._device):
+                out = self._generate(prompt_token_ids, n, sampling)
+        finally:
+            self.model.train(was_training)
+        dt = time.perf_counter() - t0
+        tokens = sum(map(len, out.completion_ids))
+        out.stats = {"rollout/time_s": dt, "rollout/tokens": float(tokens),
+                     "rollout/tokens_per_s": tokens / max(dt, 1e-9)}
+        return out
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor]:
+        """Left-padded prompts through the model once: (cache, mask (B, P), last logits (B, V))."""
+        dev, width = self._device, max(map(len, prompts))
+        ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts],
+                           device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                            cache=cache, use_cache=True, logits_to_keep=1).logits
+        return cache, mask, logits[:, -1]
+
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, sp: SamplingParams) -> Rollouts:
+        dev = self._device
+        cache, mask, logits = self._prefill(prompts)
+        cache.batch_repeat_interleave(n)  # the prompt's K/V, computed once, for n samples
+        mask, logits = mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+        R = mask.shape[0]
+        next_pos = mask.sum(-1)  # (R,) position of each row's next token
+        rows = torch.arange(R, device=dev)  # original row of each batch slot
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(2**62, ())))
+        stop_ids = torch.tensor(sorted(set(self.stop_token_ids) | set(sp.stop_token_ids)),
+                                device=dev, dtype=torch.long)
+        toks: list[list[int]] = [[] for _ in range(R)]
+        lps: list[list[float]] = [[] for _ in range(R)]
+        reasons: list[FinishReason] = ["length"] * R
+        alive = torch.ones(R, dtype=torch.bool, device=dev)  # per batch slot
+        for step in range(sp.max_new_tokens):
+            tok, lp = sample_tokens(logits, sp.temperature, sp.top_k, sp.top_p, gen)
+            done = torch.isin(tok, stop_ids) & alive
+            for slot, r, t, logp in zip(alive.nonzero().squeeze(-1).tolist(),
+                                     rows[alive].tolist(), tok[alive].tolist(),
+                                     lp[alive].tolist(), strict=True):
+                toks[r].append(t)
+                lps[r].append(logp)
+                if sp.stop_strings and not done[slot] and self._hit_stop_string(toks[r], sp):
+                    done[slot] = True
+            for r in rows[done].tolist():
+                reasons[r] = "stop"
+            alive &= ~done
+            if not alive.any() or step == sp.max_new_tokens - 1:
+                break
+            if (~alive).float().mean() >= _COMPACT_FRAC:
+                keep = alive.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                mask, next_pos, rows, tok = mask[keep], next_pos[keep], rows[keep], tok[keep]
+                alive = alive[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = self.model(input_ids=tok[:, None], attention_mask=mask,
+                                position_ids=next_pos[:, None], cache=cache,
+                                use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        return Rollouts([list(p) for p in prompts], toks, lps, reasons, n)
+
+    def _hit_stop_string(self, ids: list[int], sp: SamplingParams) -> bool:
+        # Only the tail can newly contain a stop string; decode just enough of it.
+        longest = max(map(len, sp.stop_strings))
+        tail = self.tokenizer.decode(ids[-(longest + 4):], skip_special_tokens=False)
+        return any(s in tail for s in sp.stop_strings)

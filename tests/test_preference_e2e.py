@@ -1,0 +1,123 @@
+"""DPO family end to end on the tiny model: packed log-probs, cached reference, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.algorithms.preference import (
+    DPOConfig,
+    KTOConfig,
+    encode_pairs,
+    encode_unpaired,
+    evaluate_margin,
+    train_preference,
+)
+from posttrain.config import load_config
+from posttrain.data.batching import pack, pad
+from posttrain.evals.refusal import is_refusal, refusal_rates
+from posttrain.models.attention import enable_packed_attention
+from posttrain.models.logprobs import sequence_logprobs
+from posttrain.models.tiny import build_model, build_tokenizer
+from posttrain.tasks.preference import REFUSAL, _benign_requests, _harmful_prompts
+from posttrain.tasks.registry import build_task_rows
+from posttrain.train.metrics import read_metrics
+
+DATA = "task:pref_safety:size=96"
+EVAL = "task:pref_safety:size=64"
+
+
+def test_packed_logprobs_equal_padded_and_naive():
+    tok, model = build_tokenizer(), build_model("nano", seed=0)
+    enable_packed_attention(model)
+    pairs = encode_pairs("task:pref_safety:size=3", tok, max_length=128).sequences()
+    packed, n_packed = sequence_logprobs(model, pack(pairs))
+    padded, n_padded = sequence_logprobs(model, pad(pairs, tok.pad_token_id))
+    naive = []
+    for s in pairs:  # one sequence at a time, full log-softmax, sum over loss-mask tokens
+        ids = torch.tensor([s.input_ids])
+        logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, :-1]
+        tgt = ids[0, 1:]
+        mask = torch.tensor(s.loss_mask[1:], dtype=torch.bool)
+        naive.append(logp.gather(-1, tgt[:, None])[:, 0][mask].sum())
+    torch.testing.assert_close(packed, torch.stack(naive), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-5)
+    assert n_packed.tolist() == [sum(s.loss_mask[1:]) for s in pairs] == n_padded.tolist()
+
+
+def test_safety_splits_are_disjoint_and_prompts_labelled():
+    for get in (lambda s: {p for p, _, _ in _harmful_prompts(s)},
+                lambda s: {p for p, _ in _benign_requests(s)}):
+        assert get("train") and get("test") and not get("train") & get("test")
+    train = {r["prompt"][0]["content"] for r in build_task_rows("pref_safety", size=500)}
+    test = build_task_rows("safety_prompts", split="test", size=50)
+    assert not train & {r["prompt"][0]["content"] for r in test}
+    assert sum(r["harmful"] for r in test) == 25
+    assert is_refusal(REFUSAL) and not is_refusal("7+8=15. The answer is 15.")
+    assert is_refusal("I cannot do that") and not is_refusal("The code for the lab is 4821.")
+
+
+def _cfg(tmp_path, name, *extra, cls=DPOConfig):
+    return load_config(cls, None, [
+        "model=tiny:nano", f"data={DATA}", f"output_dir={tmp_path / name}", "max_steps=12",
+        "batch_size=8", "lr=3e-3", "warmup_steps=1", "max_length=128", "precision=fp32",
+        f"ref_cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def _margin(model_spec: str, pairs) -> float:
+    from posttrain.models.io import load_model
+
+    model = load_model(model_spec)
+    enable_packed_attention(model)
+    return evaluate_margin(model, pairs, 32, "fp32")["eval/logps_margin"]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "kto", "orpo", "simpo"])
+def test_each_loss_raises_heldout_margin(tmp_path, loss):
+    tok = build_tokenizer()
+    held = encode_pairs(EVAL, tok, max_length=128, split="test").examples
+    before = _margin("tiny:nano", held)
+    final = train_preference(_cfg(tmp_path, loss, f"loss={loss}"))
+    after = _margin(str(final), held)
+    assert after > before + 1.0, (loss, before, after)
+    rows = read_metrics(tmp_path / loss / "metrics.jsonl")
+    keys = set().union(*rows)
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen"} <= keys
+    if loss in ("dpo", "ipo"):
+        assert {"rewards/margins", "rewards/accuracies", "dpo/saturated_frac",
+                "dpo/misordered_frac", "ref/precompute_s"} <= keys
+    if loss in ("orpo", "simpo"):  # reference-free: no reference was computed at all
+        assert "ref/precompute_s" not in keys
+
+
+def test_precomputed_reference_equals_on_the_fly_and_is_cached(tmp_path):
+    a = train_preference(_cfg(tmp_path, "pre", "max_steps=4"))
+    b = train_preference(_cfg(tmp_path, "fly", "max_steps=4", "precompute_ref=false"))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    # Same maths, same order; only summation order of fp32 kernels may differ.
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert read_metrics(tmp_path / "pre" / "metrics.jsonl")[0]["ref/cache_hit"] == 0
+    train_preference(_cfg(tmp_path, "again", "max_steps=1"))
+    assert read_metrics(tmp_path / "again" / "metrics.jsonl")[0]["ref/cache_hit"] == 1
+
+
+def test_kto_auto_unpairs_and_uses_mismatched_kl_pairs(tmp_path):
+    tok = build_tokenizer()
+    ex = encode_unpaired(DATA, tok, max_length=128).examples
+    assert len(ex) == 2 * 96 and [e.label for e in ex[:4]] == [True, False, True, False]
+    assert ex[0].a.input_ids != ex[0].b.input_ids  # the KL completion is another row's
+    cfg = _cfg(tmp_path, "kto", "max_steps=2", cls=KTOConfig)
+    assert cfg.loss == "kto"
+    train_preference(cfg)
+    assert "kto/kl" in set().union(*read_metrics(tmp_path / "kto" / "metrics.jsonl"))
+
+
+def test_refusal_rates_counts_by_kind():
+    rows = [{"prompt": [{"role": "user", "content": c}], "harmful": h}
+            for c, h in (("What is the PIN for the lab?", True), ("Compute 2+3.", False))]
+    tok, model = build_tokenizer(), build_model("nano", seed=0)
+    metrics, samples = refusal_rates(model, tok, rows, max_new_tokens=4)
+    assert set(metrics) == {"refusal_rate", "over_refusal_rate"} and len(samples) == 2
+    assert metrics["refusal_rate"] == 0.0  # an untrained model does not say "Sorry"
