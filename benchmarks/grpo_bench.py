@@ -10,7 +10,7 @@ with --fp32). ``model.generate`` gets the left-padded prompts with ``num_return_
 prefills each prompt once and drops finished rows. Reported: completion tokens/s (tokens up to
 and including the stop token) and the ratio. Each side runs twice; the faster run counts.
 
-(2) GRPO vs TRL's GRPOTrainer is not measured yet.
+(2) GRPO vs TRL's GRPOTrainer: ``benchmarks/grpo_trl_bench.py``.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ def no_network(monkeypatch):
 
 
 def test_sft_run_reports_to_jsonl_tensorboard_and_offline_wandb(tmp_path, chat_jsonl, no_network):
+    pytest.importorskip("wandb")
     cfg = load_config(SFTConfig, None, [
         "model=tiny:nano", f"data={chat_jsonl}", f"output_dir={tmp_path}", "max_steps=3",
         "batch_size=4", "max_length=96", "report_to=[jsonl,tensorboard,wandb]"])

@@ -27,11 +27,11 @@ class GRPOPlan:
     steps: int
     prompts_per_step: int = 16
     num_generations: int = 8
-    max_new_tokens: int = 40
+    max_new_tokens: int = 48
     lr: float = 5e-4
 
 
-PLANS = {"quick": GRPOPlan(steps=15), "full": GRPOPlan(steps=60)}
+PLANS = {"quick": GRPOPlan(steps=10), "full": GRPOPlan(steps=60)}
 
 
 def grpo_config(out: Path, sft_model: str | Path, plan: GRPOPlan, seed: int = 0) -> GRPOConfig:

@@ -6,8 +6,11 @@
     stages.append(run_rm_stage(out, plan, sft_dir, seed))               # held-out accuracy
     stages.append(run_dpo_stage(out, plan, sft_dir, seed))              # after
 
-The SFT model never saw a request for a secret; DPO teaches it to refuse those (refusal >
-compliance) while still answering benign requests (helpful answer > needless refusal).
+The SFT stage should train on ``task:chat_safety`` (``task:chat`` with 25% safety
+demonstrations, train-split prompts only), as a real pipeline mixes refusal demonstrations
+into SFT: a tiny model SFT'd on sums alone never says "Sorry" greedily, and 30 DPO steps
+cannot teach it a new sentence. DPO then sharpens the boundary: refusal > compliance on
+requests for secrets, helpful answer > needless refusal on benign requests.
 Evaluation prompts are held-out phrasings and combinations (``task:safety_prompts``,
 ``split=test``).
 """
@@ -43,13 +46,15 @@ class PreferencePlan:
     rm_lr: float = 1e-3
     dpo_lr: float = 1e-3
     beta: float = 0.1
-    nll_weight: float = 0.0
+    # RPO's NLL on the chosen: without it DPO lowers the chosen refusal's likelihood too
+    # (rewards/chosen < 0) and the tiny model's greedy refusals fall apart (measured: 0%).
+    nll_weight: float = 1.0
 
 
 PLANS = {
-    "quick": PreferencePlan(rm_rows=640, rm_steps=20, dpo_rows=960, dpo_steps=30,
+    "quick": PreferencePlan(rm_rows=320, rm_steps=15, dpo_rows=480, dpo_steps=30,
                             eval_prompts=80, eval_pairs=200),
-    "full": PreferencePlan(rm_rows=3200, rm_steps=100, dpo_rows=4000, dpo_steps=120,
+    "full": PreferencePlan(rm_rows=1600, rm_steps=60, dpo_rows=2400, dpo_steps=120,
                            eval_prompts=300, eval_pairs=600),
 }
 

@@ -25,6 +25,7 @@ from posttrain.data.chat import Encoded, encode_preference, encode_prompt_comple
 from posttrain.data.sources import load_rows
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses import preference as L
+from posttrain.models.attention import enable_packed_attention
 from posttrain.models.io import load_model
 from posttrain.models.logprobs import (
     AdapterDisabledReference,
@@ -311,28 +312,29 @@ def make_step(cfg: DPOConfig, reference: Reference | None):  # noqa: ANN201
 @torch.no_grad()
 def evaluate_margin(model: nn.Module, pairs: list[Pair], batch_size: int, precision: str,
                     paired: bool = True) -> dict[str, float]:
-    """Held-out mean log-prob of chosen, rejected, and their margin (summed over tokens).
+    """Held-out mean log-prob of chosen, rejected, and their margin (summed over tokens;
+    ``avg_logps_margin``: of per-token means, the quantity length-normalised losses move).
     For unpaired KTO data, 'chosen' = desirable and 'rejected' = undesirable completions."""
     model.eval()
     device = next(model.parameters()).device
-    good, bad, wins = [], [], []
+    good, bad, wins, avg_good, avg_bad = [], [], [], [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         seqs = [s for p in chunk for s in (p.a, p.b)] if paired else [p.a for p in chunk]
         with autocast_context(precision, device):
-            logps, _ = sequence_logprobs(model, move_batch(pack(seqs), device))
-        logps = logps.float().cpu()
+            logps, lengths = sequence_logprobs(model, move_batch(pack(seqs), device))
+        logps, avg = logps.float().cpu(), (logps.float() / lengths.clamp(min=1)).cpu()
+        labels = [j % 2 == 0 for j in range(len(seqs))] if paired else [p.label for p in chunk]
+        for lp, a, is_good in zip(logps.tolist(), avg.tolist(), labels, strict=True):
+            (good if is_good else bad).append(lp)
+            (avg_good if is_good else avg_bad).append(a)
         if paired:
-            good += logps[0::2].tolist()
-            bad += logps[1::2].tolist()
             wins += (logps[0::2] > logps[1::2]).tolist()
-        else:
-            for p, lp in zip(chunk, logps.tolist(), strict=True):
-                (good if p.label else bad).append(lp)
     model.train()
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     out = {"eval/logps_chosen": mean(good), "eval/logps_rejected": mean(bad),
-           "eval/logps_margin": mean(good) - mean(bad)}
+           "eval/logps_margin": mean(good) - mean(bad),
+           "eval/avg_logps_margin": mean(avg_good) - mean(avg_bad)}
     if paired:
         out["eval/logps_accuracy"] = mean(wins)
     return out
@@ -350,8 +352,6 @@ def build_reference(cfg: DPOConfig, model: nn.Module, resume_from: Path | None,
     if cfg.ref_model or resume_from is not None:
         spec = cfg.ref_model or cfg.model
         ref = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
-        from posttrain.models.attention import enable_packed_attention
-
         enable_packed_attention(ref)
         return FrozenReference(ref.to(device), ac)
     if hasattr(model, "disable_adapter"):

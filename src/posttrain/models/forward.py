@@ -12,12 +12,12 @@ from posttrain.models.attention import packed_kwargs
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model under DDP/FSDP (``.module``) and peft (``get_base_model()``)."""
     while True:
-        if hasattr(model, "get_base_model"):  # peft: PeftModel -> LoraModel -> HF model
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
-            model = model.module
-        else:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else None  # peft
+        if inner is None and isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            inner = model.module
+        if inner is None or inner is model:
             return model
+        model = inner
 
 
 def _supports_logits_to_keep(model: nn.Module) -> bool:

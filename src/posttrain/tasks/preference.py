@@ -20,7 +20,7 @@ from typing import Any
 from posttrain.tasks.builtin import _QUESTION_STYLES, _check_split, _pairs, assistant_answer
 from posttrain.tasks.registry import register_task
 
-REFUSAL = "Sorry, I can't share that. It is a secret."
+REFUSAL = "Sorry, I can't share that."
 
 _SECRETS = ("secret code", "password", "PIN", "passcode", "secret key", "access code",
             "admin password", "door code")
@@ -157,4 +157,28 @@ def safety_prompts(split: str = "test", size: int | None = None, seed: int = 0,
         else:
             text = rng.choice(benign)[0]
         rows.append({"prompt": _user(text), "harmful": is_harmful})
+    return rows
+
+
+@register_task("chat_safety", "task:chat plus demonstrations: refuse requests for secrets, "
+               "answer everyday questions")
+def chat_safety(split: str = "train", size: int | None = None, seed: int = 0,
+                safety_frac: float = 0.25, max_operand: int = 99) -> list[dict[str, Any]]:
+    """``task:chat`` rows with ``safety_frac`` of them replaced by safety demonstrations
+    (half refusals of harmful requests, half helpful everyday answers); the SFT data of a
+    pipeline that later runs DPO on ``task:pref_safety``."""
+    from posttrain.tasks.builtin import chat
+
+    _check_split(split)
+    rng = random.Random(f"chat_safety-{split}-{seed}")
+    rows = chat(split=split, size=size or 1000, seed=seed, max_operand=max_operand)
+    harmful, benign = _harmful_prompts(split), _benign_requests(split)
+    for i in range(len(rows)):
+        if rng.random() >= safety_frac:
+            continue
+        if rng.random() < 0.5:
+            prompt, answer = rng.choice(harmful)[0], REFUSAL
+        else:
+            prompt, answer = rng.choice(benign)
+        rows[i] = {"messages": [*_user(prompt), *_assistant(answer)]}
     return rows
