@@ -66,8 +66,8 @@ def test_pad_equal_to_eos_does_not_move_the_scored_token(nano_dir):
 def test_rm_learns_heldout_accuracy_and_scores(tmp_path):
     out = tmp_path / "rm"
     cfg = load_config(RMConfig, None, [
-        "model=tiny:nano", "data=task:pref_safety:size=200", "eval_data=task:pref_safety:size=100",
-        f"output_dir={out}", "max_steps=20", "batch_size=8", "lr=3e-3", "warmup_steps=2",
+        "model=tiny:nano", "data=task:pref_safety:size=480", "eval_data=task:pref_safety:size=100",
+        f"output_dir={out}", "max_steps=30", "batch_size=16", "lr=3e-3", "warmup_steps=3",
         "max_length=128"])
     final = train_reward_model(cfg)
     rows = read_metrics(out / "metrics.jsonl")

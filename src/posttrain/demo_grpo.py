@@ -28,7 +28,7 @@ class GRPOPlan:
     prompts_per_step: int = 16
     num_generations: int = 8
     max_new_tokens: int = 48
-    lr: float = 5e-4
+    lr: float = 5e-5
 
 
 PLANS = {"quick": GRPOPlan(steps=10), "full": GRPOPlan(steps=60)}

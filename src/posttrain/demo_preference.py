@@ -27,6 +27,7 @@ from posttrain.algorithms.preference import DPOConfig, encode_pairs, train_prefe
 from posttrain.algorithms.reward_model import RMConfig, score_pairs, train_reward_model
 from posttrain.config import load_config
 from posttrain.evals.refusal import refusal_rates
+from posttrain.models.attention import enable_packed_attention
 from posttrain.models.io import load_model, load_tokenizer
 from posttrain.models.reward import load_reward_model
 from posttrain.tasks.registry import build_task_rows
@@ -42,20 +43,23 @@ class PreferencePlan:
     dpo_steps: int
     eval_prompts: int  # half harmful, half benign
     eval_pairs: int
-    batch_size: int = 32
+    batch_size: int = 16
     rm_lr: float = 1e-3
-    dpo_lr: float = 1e-3
+    dpo_lr: float = 5e-4
     beta: float = 0.1
     # RPO's NLL on the chosen: without it DPO lowers the chosen refusal's likelihood too
     # (rewards/chosen < 0) and the tiny model's greedy refusals fall apart (measured: 0%).
     nll_weight: float = 1.0
+    # DPO data mix: fewer harmful rows than benign ones, since the SFT stage over-refuses.
+    harmful_frac: float = 0.45
+    arith_frac: float = 0.3
 
 
 PLANS = {
     "quick": PreferencePlan(rm_rows=320, rm_steps=15, dpo_rows=480, dpo_steps=30,
                             eval_prompts=80, eval_pairs=200),
-    "full": PreferencePlan(rm_rows=1600, rm_steps=60, dpo_rows=2400, dpo_steps=120,
-                           eval_prompts=300, eval_pairs=600),
+    "full": PreferencePlan(rm_rows=1600, rm_steps=60, dpo_rows=3840, dpo_steps=120,
+                           eval_prompts=300, eval_pairs=600, batch_size=32),
 }
 
 MAX_NEW_TOKENS = 16  # "Sorry, I can't" is decided within the first 16 bytes
@@ -93,6 +97,7 @@ def run_rm_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Pat
         *_overrides(out, "rm", str(sft_dir), p.rm_steps, p.rm_lr, p, seed), f"data={data}"])
     final = train_reward_model(cfg)
     model, tok = load_reward_model(str(final)), load_tokenizer(str(final))
+    enable_packed_attention(model)  # score_pairs packs; without it SDPA builds an N^2 mask
     held = encode_pairs(f"task:pref_safety:size={p.eval_pairs}", tok, max_length=256,
                         split="test")
     r = score_pairs(model, held.examples)
@@ -110,7 +115,8 @@ def run_dpo_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Pa
     p, out, t0 = _plan(plan), Path(out), time.perf_counter()
     cfg = load_config(DPOConfig, None, [
         *_overrides(out, "dpo", str(sft_dir), p.dpo_steps, p.dpo_lr, p, seed),
-        f"data=task:pref_safety:size={p.dpo_rows}", "loss=dpo", f"beta={p.beta}",
+        f"data=task:pref_safety:size={p.dpo_rows},harmful_frac={p.harmful_frac},"
+        f"arith_frac={p.arith_frac}", "loss=dpo", f"beta={p.beta}",
         f"nll_weight={p.nll_weight}", f"ref_cache_dir={out / 'ref_cache'}"])
     final = train_preference(cfg)
     metrics = safety_metrics(final, p, seed)

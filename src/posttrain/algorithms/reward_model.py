@@ -127,7 +127,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
 
 
 def score_pairs(model: nn.Module, pairs: list[Pair], batch_size: int = 64) -> torch.Tensor:
-    """Rewards (P, 2) of (chosen, rejected) for each pair, in order."""
+    """Rewards (P, 2) of (chosen, rejected) for each pair, in order. Call
+    ``enable_packed_attention(model)`` first: batches are packed rows."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(pairs), batch_size):
