@@ -33,11 +33,25 @@ def _run_sft(cfg: Any) -> Any:
     return train_sft(cfg)
 
 
+def _grpo_cls() -> type:
+    from posttrain.algorithms.grpo import GRPOConfig
+
+    return GRPOConfig
+
+
+def _run_grpo(cfg: Any) -> Any:
+    from posttrain.algorithms.grpo import train_grpo
+
+    return train_grpo(cfg)
+
+
 TRAIN_COMMANDS: dict[str, TrainCommand] = {
     "sft": TrainCommand("supervised fine-tuning (assistant-masked NLL); text rows = pretraining",
                         _sft_cls, _run_sft),
     "pretrain": TrainCommand("causal-LM training on raw text rows (same engine as sft)",
                              _sft_cls, _run_sft),
+    "grpo": TrainCommand("online RL, group-relative advantages: GRPO/DAPO/Dr.GRPO/GSPO, RLOO, "
+                         "REINFORCE++", _grpo_cls, _run_grpo),
 }
 
 OTHER_COMMANDS = {

@@ -1,8 +1,8 @@
 """``posttrain demo``: the post-training stack on a tiny model, offline, on a laptop CPU.
 
 Stages (seed Fig 5.A): build a tiny model -> pretrain it on a synthetic corpus (the "base
-model") -> SFT on chat demonstrations -> evaluate every stage on held-out prompts. Later
-stages (reward model, DPO, GRPO, PPO) append themselves to the same report.
+model") -> SFT on chat demonstrations -> GRPO on verifiable arithmetic rewards -> evaluate
+every stage on held-out prompts. Later stages append themselves to the same report.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from posttrain.algorithms.sft import SFTConfig, train_sft
 from posttrain.config import load_config
+from posttrain.demo_grpo import run_grpo_stage
 from posttrain.evals.chat_eval import evaluate_chat_task
 from posttrain.models.io import load_model, load_tokenizer
 from posttrain.report.stages import write_report
@@ -95,6 +96,9 @@ def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int
     for name, path in (("base", base), ("sft", sft)):
         metrics, samples[name] = _evaluate(name, str(path), held_out)
         stages.append({"name": name, "metrics": metrics, "model": str(path)})
+    grpo = run_grpo_stage(out, sft, held_out, quick=quick, seed=seed)
+    samples["grpo"] = grpo.pop("samples")
+    stages.append(grpo)
     extra = {"plan": "quick" if quick else "full", "seconds": round(time.perf_counter() - t0, 1),
              "held_out_prompts": len(held_out)}
     write_report(out, "posttrain demo", stages,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from posttrain.config import TrainConfig
+from posttrain.config import TrainConfig, config_to_dict
 from posttrain.errors import TrainingError
 from posttrain.models.lora import save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
@@ -98,7 +98,8 @@ class Engine:
         # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
         self.train_model = ddp.wrap_ddp(model, self.dist)
         sinks = list(cfg.report_to) if self.dist.is_main else []
-        self.metrics = MetricsLogger(run_dir, sinks, enabled=self.dist.is_main)
+        self.metrics = MetricsLogger(run_dir, sinks, config=config_to_dict(cfg),
+                                     enabled=self.dist.is_main)
         self.progress = Progress(total_steps, enabled=None if self.dist.is_main else False)
 
     # ---- one optimizer step -------------------------------------------------------------
