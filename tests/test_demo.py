@@ -14,7 +14,10 @@ def test_quick_demo_format_compliance(tmp_path):
     run_demo(tmp_path, quick=True)
     report = json.loads((tmp_path / "report.json").read_text())
     stages = {s["name"]: s["metrics"] for s in report["stages"]}
-    assert list(stages)[:3] == ["base", "sft", "grpo"]
+    assert list(stages) == ["base", "sft", "rm", "dpo", "grpo"]
+    assert stages["dpo"]["refusal_rate"] >= 0.9
+    assert stages["dpo"]["over_refusal_rate"] <= 0.1
+    assert stages["rm"]["accuracy"] >= 0.9
     assert stages["base"]["format_rate"] <= 0.2
     assert stages["sft"]["format_rate"] >= 0.95
     for m in stages.values():

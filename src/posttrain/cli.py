@@ -45,11 +45,47 @@ def _run_grpo(cfg: Any) -> Any:
     return train_grpo(cfg)
 
 
+def _rm_cls() -> type:
+    from posttrain.algorithms.reward_model import RMConfig
+
+    return RMConfig
+
+
+def _run_rm(cfg: Any) -> Any:
+    from posttrain.algorithms.reward_model import train_reward_model
+
+    return train_reward_model(cfg)
+
+
+def _pref_cls(name: str) -> Callable[[], type]:
+    def get() -> type:
+        from posttrain.algorithms import preference as p
+
+        return {"dpo": p.DPOConfig, "kto": p.KTOConfig, "orpo": p.ORPOConfig,
+                "simpo": p.SimPOConfig}[name]
+
+    return get
+
+
+def _run_pref(cfg: Any) -> Any:
+    from posttrain.algorithms.preference import train_preference
+
+    return train_preference(cfg)
+
+
 TRAIN_COMMANDS: dict[str, TrainCommand] = {
     "sft": TrainCommand("supervised fine-tuning (assistant-masked NLL); text rows = pretraining",
                         _sft_cls, _run_sft),
     "pretrain": TrainCommand("causal-LM training on raw text rows (same engine as sft)",
                              _sft_cls, _run_sft),
+    "rm": TrainCommand("reward model: scalar head + Bradley-Terry loss on preference pairs",
+                       _rm_cls, _run_rm),
+    "dpo": TrainCommand("preference optimisation: loss=dpo|robust|ipo|hinge|kto|orpo|simpo",
+                        _pref_cls("dpo"), _run_pref),
+    "kto": TrainCommand("KTO on unpaired rows (= dpo loss=kto)", _pref_cls("kto"), _run_pref),
+    "orpo": TrainCommand("ORPO, no reference (= dpo loss=orpo)", _pref_cls("orpo"), _run_pref),
+    "simpo": TrainCommand("SimPO, no reference (= dpo loss=simpo)", _pref_cls("simpo"),
+                          _run_pref),
     "grpo": TrainCommand("online RL, group-relative advantages: GRPO/DAPO/Dr.GRPO/GSPO, RLOO, "
                          "REINFORCE++", _grpo_cls, _run_grpo),
 }

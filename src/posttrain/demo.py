@@ -1,8 +1,10 @@
 """``posttrain demo``: the post-training stack on a tiny model, offline, on a laptop CPU.
 
 Stages (seed Fig 5.A): build a tiny model -> pretrain it on a synthetic corpus (the "base
-model") -> SFT on chat demonstrations -> GRPO on verifiable arithmetic rewards -> evaluate
-every stage on held-out prompts. Later stages append themselves to the same report.
+model") -> SFT on chat demonstrations (sums, plus refusal and everyday-answer turns) ->
+a reward model and DPO on toy safety preferences (branch 1) and GRPO on verifiable
+arithmetic rewards (branch 2), both from the SFT model -> evaluate every stage on held-out
+prompts. Later stages append themselves to the same report.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from posttrain import demo_preference as pref
 from posttrain.algorithms.sft import SFTConfig, train_sft
 from posttrain.config import load_config
 from posttrain.demo_grpo import run_grpo_stage
@@ -40,7 +43,7 @@ class DemoPlan:
 
 
 PLANS = {
-    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=2000, sft_steps=60,
+    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=70, sft_rows=2000, sft_steps=55,
                       eval_prompts=100),
     "full": DemoPlan(pretrain_docs=20000, pretrain_steps=700, sft_rows=8000, sft_steps=250,
                      eval_prompts=300),
@@ -90,12 +93,16 @@ def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int
 
     base = _train_stage("base", out, "tiny:tiny", f"task:corpus:size={plan.pretrain_docs}",
                         plan.pretrain_steps, 3e-3, plan, seed)
-    sft = _train_stage("sft", out, str(base), f"task:chat:size={plan.sft_rows}",
+    sft = _train_stage("sft", out, str(base), f"task:chat_safety:size={plan.sft_rows}",
                        plan.sft_steps, 2e-3, plan, seed)
     stages, samples = [], {}
     for name, path in (("base", base), ("sft", sft)):
         metrics, samples[name] = _evaluate(name, str(path), held_out)
         stages.append({"name": name, "metrics": metrics, "model": str(path)})
+    plan_name = "quick" if quick else "full"
+    stages[-1]["metrics"].update(pref.safety_metrics(sft, plan_name, seed))  # before DPO
+    stages.append(pref.run_rm_stage(out, plan_name, sft, seed))
+    stages.append(pref.run_dpo_stage(out, plan_name, sft, seed))
     grpo = run_grpo_stage(out, sft, held_out, quick=quick, seed=seed)
     samples["grpo"] = grpo.pop("samples")
     stages.append(grpo)
