@@ -43,8 +43,8 @@ class DemoPlan:
 
 
 PLANS = {
-    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=70, sft_rows=2000, sft_steps=55,
-                      eval_prompts=100),
+    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=2000, sft_steps=60,
+                      eval_prompts=60),
     "full": DemoPlan(pretrain_docs=20000, pretrain_steps=700, sft_rows=8000, sft_steps=250,
                      eval_prompts=300),
 }

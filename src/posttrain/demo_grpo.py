@@ -31,7 +31,7 @@ class GRPOPlan:
     lr: float = 5e-5
 
 
-PLANS = {"quick": GRPOPlan(steps=10), "full": GRPOPlan(steps=60)}
+PLANS = {"quick": GRPOPlan(steps=6), "full": GRPOPlan(steps=60)}
 
 
 def grpo_config(out: Path, sft_model: str | Path, plan: GRPOPlan, seed: int = 0) -> GRPOConfig:
