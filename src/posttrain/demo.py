@@ -45,7 +45,7 @@ class DemoPlan:
 PLANS = {
     "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=2000, sft_steps=60,
                       eval_prompts=60),
-    "full": DemoPlan(pretrain_docs=20000, pretrain_steps=700, sft_rows=8000, sft_steps=250,
+    "full": DemoPlan(pretrain_docs=20000, pretrain_steps=400, sft_rows=8000, sft_steps=200,
                      eval_prompts=300),
 }
 

@@ -35,8 +35,8 @@ from posttrain.models.logprobs import (
     precompute_reference,
     sequence_logprobs,
 )
-from posttrain.train.engine import Engine, autocast_context
-from posttrain.train.loop import BatchStream, fit, total_steps
+from posttrain.train.engine import autocast_context
+from posttrain.train.loop import BatchStream, train_offline
 from posttrain.train.run import load_policy, move_batch, prepare_run
 
 log = logging.getLogger("posttrain")
@@ -389,16 +389,9 @@ def train_preference(cfg: DPOConfig) -> Path:
         eval_fn = lambda: evaluate_margin(model, held.examples, 2 * cfg.batch_size,  # noqa: E731
                                           cfg.precision, paired)
 
-    steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
-    engine = Engine(cfg, model, tokenizer, run_dir, steps)
-    if resume_from is not None:
-        stream.load_state(engine.restore(resume_from)["cursor"])
-    engine.log({**train.stats("data"), **ref_stats})
-    try:
-        fit(engine, stream, make_step(cfg, reference), count_pairs, eval_fn)
-        return engine.save_final()
-    finally:
-        engine.close()
+    return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream,
+                         make_step(cfg, reference), count_pairs, eval_fn,
+                         first_metrics={**train.stats("data"), **ref_stats})
 
 
 def _kto_eval_set(spec: str, tokenizer: Any, enc: dict[str, Any]) -> PairSet:

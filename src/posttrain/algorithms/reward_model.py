@@ -24,8 +24,8 @@ from posttrain.losses.preference import bradley_terry_loss
 from posttrain.models.attention import enable_packed_attention
 from posttrain.models.io import load_tokenizer, resize_for_tokenizer
 from posttrain.models.reward import load_reward_model, sequence_rewards
-from posttrain.train.engine import Engine, autocast_context, pick_device
-from posttrain.train.loop import BatchStream, fit, total_steps
+from posttrain.train.engine import autocast_context, pick_device
+from posttrain.train.loop import BatchStream, train_offline
 from posttrain.train.run import move_batch, prepare_run
 
 
@@ -114,16 +114,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
         eval_stream = BatchStream(held.examples, 2 * cfg.batch_size, collate, cfg.seed, False)
         eval_fn = lambda: evaluate_rm(model, eval_stream, cfg.precision)  # noqa: E731
 
-    steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
-    engine = Engine(cfg, model, tokenizer, run_dir, steps)
-    if resume_from is not None:
-        stream.load_state(engine.restore(resume_from)["cursor"])
-    engine.log(train.stats("data"))
-    try:
-        fit(engine, stream, make_step(cfg), lambda b: float(b["num_pairs"]), eval_fn)
-        return engine.save_final()
-    finally:
-        engine.close()
+    return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream, make_step(cfg),
+                         lambda b: float(b["num_pairs"]), eval_fn,
+                         first_metrics=train.stats("data"))
 
 
 def score_pairs(model: nn.Module, pairs: list[Pair], batch_size: int = 64) -> torch.Tensor:

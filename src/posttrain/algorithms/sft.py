@@ -18,8 +18,8 @@ from posttrain.errors import ConfigError
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import target_logits
 from posttrain.train import distributed as ddp
-from posttrain.train.engine import Engine, autocast_context
-from posttrain.train.loop import BatchStream, fit, total_steps
+from posttrain.train.engine import autocast_context
+from posttrain.train.loop import BatchStream, train_offline
 from posttrain.train.run import encode_dataset, load_policy, move_batch, prepare_run
 
 SFT_FORMATS = ("messages", "prompt_completion", "text")
@@ -93,13 +93,6 @@ def train_sft(cfg: SFTConfig) -> Path:
         eval_stream = BatchStream(held_out.examples, cfg.batch_size, collate, cfg.seed, False)
         eval_fn = lambda: evaluate_nll(model, eval_stream, cfg.precision)  # noqa: E731
 
-    steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
-    engine = Engine(cfg, model, tokenizer, run_dir, steps)
-    if resume_from is not None:
-        stream.load_state(engine.restore(resume_from)["cursor"])
-    engine.log(train.stats("data"))
-    try:
-        fit(engine, stream, sft_step, count_targets, eval_fn)
-        return engine.save_final()
-    finally:
-        engine.close()
+    return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream, sft_step,
+                         count_targets, eval_fn,
+                         first_metrics=train.stats("data"))

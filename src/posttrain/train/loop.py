@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,3 +111,31 @@ def fit(
         if cfg.save_steps and engine.step % cfg.save_steps == 0 and not done:
             engine.save(stream.state())
     return last_eval
+
+
+def train_offline(
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    run_dir: Path,
+    resume_from: Path | None,
+    stream: BatchStream,
+    loss_fn: LossFn,
+    count_fn: CountFn,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+    first_metrics: dict[str, Any] | None = None,
+) -> Path:
+    """The whole offline run after data prep: engine, resume, ``fit``, final save.
+
+    Shared by SFT, reward models and preference optimisation; returns ``run_dir/final``.
+    """
+    steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
+    engine = Engine(cfg, model, tokenizer, run_dir, steps)
+    if resume_from is not None:
+        stream.load_state(engine.restore(resume_from)["cursor"])
+    engine.log(first_metrics or {})
+    try:
+        fit(engine, stream, loss_fn, count_fn, eval_fn)
+        return engine.save_final()
+    finally:
+        engine.close()
