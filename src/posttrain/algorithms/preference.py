@@ -4,7 +4,9 @@ ORPO, SimPO. ``posttrain dpo loss=...``; ``posttrain kto|orpo|simpo`` preset ``l
     rows -> (chosen, rejected) token sequences
     reference log-probs: computed once before training, cached on disk by fingerprint
         (reference-free losses, orpo and simpo, load no reference at all)
-    for each step: ONE packed forward over [c_1, r_1, c_2, r_2, ...] (no padding)
+    for each step: ONE packed forward over [p_1, c_1, r_1, p_2, c_2, r_2, ...] (no padding;
+                   each pair's prompt p_i computed once, both responses attend to it:
+                   models/prefix.py; KTO and prefix_sharing=false: [x_1+c_1, x_1+r_1, ...])
                    -> summed completion log-probs per sequence (index_add over sequence ids)
                    -> losses.preference.<loss>(...) / pairs in the whole step
 """
@@ -35,6 +37,7 @@ from posttrain.models.logprobs import (
     precompute_reference,
     sequence_logprobs,
 )
+from posttrain.models.prefix import enable_prefix_attention, pack_pairs
 from posttrain.train.engine import autocast_context
 from posttrain.train.loop import BatchStream, train_offline
 from posttrain.train.run import load_policy, move_batch, prepare_run
@@ -69,6 +72,9 @@ class DPOConfig(TrainConfig):
         "help": "reference cache dir; null = $POSTTRAIN_CACHE or ~/.cache/posttrain"})
     ref_model: str | None = field(default=None, metadata={
         "help": "reference model spec; null = the starting policy (model)"})
+    prefix_sharing: bool = field(default=True, metadata={
+        "help": "compute each pair's shared prompt once in the forward (exact; not for kto, "
+                "nor for attention implementations that cannot: flash/flex)"})
     lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
 
     def validate(self) -> None:
@@ -206,9 +212,17 @@ def encode_unpaired(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: s
     return _finish(spec, out, n, skipped, truncated, dropped, max_length)
 
 
-def make_collate(device: torch.device, ref: Tensor | None, kto: bool):  # noqa: ANN201
-    """Micro-batch of pairs: one packed row of all 2B sequences [a_1, b_1, a_2, b_2, ...]
-    (KTO: the B completions, and the B KL sequences as a separate no-grad ``kl_batch``)."""
+def pair_collate(prefix_sharing: bool):  # noqa: ANN201
+    """Sequences [a_1, b_1, a_2, b_2, ...] -> one packed row: prefix-shared per pair
+    (``pack_pairs``) or plain padding-free (``pack``)."""
+    return pack_pairs if prefix_sharing else pack
+
+
+def make_collate(device: torch.device, ref: Tensor | None, kto: bool,  # noqa: ANN201
+                 prefix_sharing: bool = False):
+    """Micro-batch of pairs: one packed row of all 2B sequences [a_1, b_1, a_2, b_2, ...],
+    each pair's prompt shared when ``prefix_sharing`` (KTO: the B completions, and the B KL
+    sequences as a separate no-grad ``kl_batch``)."""
 
     def collate(pairs: list[Pair]) -> dict[str, Any]:
         idx = torch.tensor([p.index for p in pairs])
@@ -217,14 +231,21 @@ def make_collate(device: torch.device, ref: Tensor | None, kto: bool):  # noqa: 
             batch["kl_batch"] = move_batch(pack([p.b for p in pairs]), device)
             batch["desirable"] = torch.tensor([p.label for p in pairs])
         else:
-            batch = pack([s for p in pairs for s in (p.a, p.b)])
+            batch = pair_collate(prefix_sharing)([s for p in pairs for s in (p.a, p.b)])
             batch["margin"] = torch.tensor([p.margin for p in pairs])
         batch["num_pairs"] = len(pairs)
         if ref is not None:
             batch["ref_logps"] = ref[idx].reshape(-1)  # (2B,) in the same a/b interleaving
-        return move_batch(batch, device)
+        return _to_device(batch, device)
 
     return collate
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = move_batch(batch, device)
+    if "prefix_layout" in out:
+        out["prefix_layout"] = out["prefix_layout"].to(device)
+    return out
 
 
 def count_pairs(batch: dict[str, Any]) -> float:
@@ -280,6 +301,9 @@ def make_step(cfg: DPOConfig, reference: Reference | None):  # noqa: ANN201
             loss, m = loss + nll, {**m, **m2}
         m["logps/chosen"] = logps[0::2].detach().mean()
         m["logps/rejected"] = logps[1::2].detach().mean()
+        if "num_unshared_tokens" in batch:  # what prefix sharing saved in this forward
+            saved = 1 - batch["num_tokens"] / batch["num_unshared_tokens"]
+            m["perf/prefix_saved_frac"] = torch.tensor(saved)
         watch(m)
         return loss, m
 
@@ -311,18 +335,20 @@ def make_step(cfg: DPOConfig, reference: Reference | None):  # noqa: ANN201
 
 @torch.no_grad()
 def evaluate_margin(model: nn.Module, pairs: list[Pair], batch_size: int, precision: str,
-                    paired: bool = True) -> dict[str, float]:
+                    paired: bool = True, prefix_sharing: bool = False) -> dict[str, float]:
     """Held-out mean log-prob of chosen, rejected, and their margin (summed over tokens;
     ``avg_logps_margin``: of per-token means, the quantity length-normalised losses move).
-    For unpaired KTO data, 'chosen' = desirable and 'rejected' = undesirable completions."""
+    For unpaired KTO data, 'chosen' = desirable and 'rejected' = undesirable completions.
+    ``prefix_sharing`` (paired only) needs ``enable_prefix_attention(model)``."""
     model.eval()
     device = next(model.parameters()).device
     good, bad, wins, avg_good, avg_bad = [], [], [], [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         seqs = [s for p in chunk for s in (p.a, p.b)] if paired else [p.a for p in chunk]
+        collate = pair_collate(prefix_sharing and paired)
         with autocast_context(precision, device):
-            logps, lengths = sequence_logprobs(model, move_batch(pack(seqs), device))
+            logps, lengths = sequence_logprobs(model, _to_device(collate(seqs), device))
         logps, avg = logps.float().cpu(), (logps.float() / lengths.clamp(min=1)).cpu()
         labels = [j % 2 == 0 for j in range(len(seqs))] if paired else [p.label for p in chunk]
         for lp, a, is_good in zip(logps.tolist(), avg.tolist(), labels, strict=True):
@@ -347,16 +373,25 @@ def build_reference(cfg: DPOConfig, model: nn.Module, resume_from: Path | None,
                     device: torch.device) -> Reference:
     """The frozen reference: ``ref_model`` if given; else the starting policy: its base with
     LoRA adapters disabled (peft model), or a frozen copy (also when resuming, where the
-    loaded policy is the checkpoint's and the reference must be reloaded from ``model``)."""
+    loaded policy is the checkpoint's and the reference must be reloaded from ``model``).
+    A copy of the policy keeps its attention implementation; a loaded reference gets the
+    policy's (``cfg.prefix_sharing`` is turned off if it cannot share prefixes)."""
     ac = lambda: autocast_context(cfg.precision, device)  # noqa: E731
     if cfg.ref_model or resume_from is not None:
         spec = cfg.ref_model or cfg.model
         ref = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
         enable_packed_attention(ref)
+        if cfg.prefix_sharing and not enable_prefix_attention(ref):
+            _no_prefix_sharing(cfg, "the reference model's")
         return FrozenReference(ref.to(device), ac)
     if hasattr(model, "disable_adapter"):
         return AdapterDisabledReference(model, ac)
     return FrozenReference(model, ac)
+
+
+def _no_prefix_sharing(cfg: DPOConfig, whose: str) -> None:
+    log.info("%s attention implementation cannot share prefixes; packing padding-free", whose)
+    cfg.prefix_sharing = False
 
 
 def train_preference(cfg: DPOConfig) -> Path:
@@ -365,6 +400,10 @@ def train_preference(cfg: DPOConfig) -> Path:
     model, tokenizer = load_policy(cfg, resume_from)
     device = next(model.parameters()).device
     kto = cfg.loss == "kto"
+    if kto:
+        cfg.prefix_sharing = False  # unpaired: no two sequences share a prompt
+    elif cfg.prefix_sharing and not enable_prefix_attention(model):
+        _no_prefix_sharing(cfg, "the policy's")
     enc = dict(max_length=cfg.max_length, on_bad_row=cfg.on_bad_row)
     train = (encode_unpaired if kto else encode_pairs)(cfg.data, tokenizer, **enc)
 
@@ -375,19 +414,21 @@ def train_preference(cfg: DPOConfig) -> Path:
             cache = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
             values, ref_stats = precompute_reference(
                 reference, train.sequences(), batch_size=2 * cfg.batch_size, device=device,
-                cache_dir=cache, tag=cfg.precision)
+                cache_dir=cache, collate=pair_collate(cfg.prefix_sharing),
+                # the forward kind is in the key: a resumed run reads bit-identical values
+                tag=f"{cfg.precision}|prefix={cfg.prefix_sharing}")
             ref_table = values.reshape(-1, 2)
             reference = None  # frees the frozen copy: precomputed values are all we need
 
-    stream = BatchStream(train.examples, cfg.batch_size, make_collate(device, ref_table, kto),
-                         seed=cfg.seed)
+    stream = BatchStream(train.examples, cfg.batch_size,
+                         make_collate(device, ref_table, kto, cfg.prefix_sharing), seed=cfg.seed)
     eval_fn = None
     if cfg.eval_data:
         held = (encode_pairs(cfg.eval_data, tokenizer, split="test", **enc) if not kto else
                 _kto_eval_set(cfg.eval_data, tokenizer, enc))
         paired = not (kto and held.examples and held.examples[0].b is held.examples[0].a)
         eval_fn = lambda: evaluate_margin(model, held.examples, 2 * cfg.batch_size,  # noqa: E731
-                                          cfg.precision, paired)
+                                          cfg.precision, paired, cfg.prefix_sharing)
 
     return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream,
                          make_step(cfg, reference), count_pairs, eval_fn,

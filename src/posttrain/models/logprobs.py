@@ -3,7 +3,10 @@
 ``sequence_logprobs(model, batch)`` runs one forward over a packed (or padded) batch, projects
 the LM head only at completion positions, and sums each sequence's token log-probs with
 ``index_add_`` over ``sequence_ids``: the chosen and rejected completions of every pair in a
-micro-batch cost a single forward with no padding.
+micro-batch cost a single forward with no padding. Given a prefix-shared row
+(``posttrain.models.prefix.pack_pairs``) the same call computes each pair's prompt once: the
+chosen and rejected responses both attend to it (the model needs
+``enable_prefix_attention``).
 
 The reference policy of the DPO family is any object with ``logprobs(batch) -> (B,)`` and
 ``fingerprint() -> str`` (the :class:`Reference` protocol). ``FrozenReference`` is a frozen
@@ -12,11 +15,6 @@ adapters switched off (peft's ``disable_adapter``), which costs no extra memory.
 ``precompute_reference`` scores every training sequence once and caches the result on disk
 under a fingerprint of (reference weights, token ids, precision): token ids already capture
 the data, the chat template and ``max_length``.
-
-Future work: share the prompt between chosen and rejected inside the forward (pack
-``[prompt, chosen suffix, rejected suffix]`` with an attention pattern where the rejected
-suffix sees the prompt but not the chosen suffix). Today each pair's prompt is computed
-twice, as in TRL.
 """
 
 from __future__ import annotations
@@ -35,7 +33,8 @@ from torch import Tensor, nn
 
 from posttrain.data.batching import pack
 from posttrain.data.chat import Encoded
-from posttrain.models.forward import target_logits
+from posttrain.models.forward import _supports_logits_to_keep, target_logits
+from posttrain.models.prefix import prefix_forward_kwargs
 
 log = logging.getLogger("posttrain")
 
@@ -61,14 +60,29 @@ def token_logprobs(logits: Tensor, targets: Tensor, chunk: int = LOGIT_CHUNK) ->
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
+def prefix_target_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Logits (M, V) at the ``pred_pos`` of a prefix-shared row (``models.prefix``). The model
+    is called as a whole (not its decoder), so DDP and peft wrappers see the forward."""
+    kwargs = prefix_forward_kwargs(batch)
+    pred = batch["pred_pos"]  # (M,) may repeat: a prompt's last token predicts every suffix
+    if _supports_logits_to_keep(model):
+        return model(**kwargs, logits_to_keep=pred[None]).logits[0]  # (M, V)
+    return model(**kwargs).logits[0, pred]
+
+
 def sequence_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """(logps (B,), lengths (B,)): summed completion log-probs and completion token counts.
 
-    ``batch`` is a ``pack``ed row (uses ``sequence_ids``) or a ``pad``ded rectangle, with
-    ``num_sequences`` = B. Sequences without a target token get logp 0 and length 0.
+    ``batch`` is a ``pack``ed row (uses ``sequence_ids``), a ``pad``ded rectangle, or a
+    prefix-shared row (``prefix_layout``, ``target_seq``), with ``num_sequences`` = B.
+    Sequences without a target token get logp 0 and length 0.
     """
-    logits, targets = target_logits(model, batch)  # (N, V), (N,)
-    seq = token_sequence_ids(batch)  # (N,)
+    if "prefix_layout" in batch:
+        logits, targets = prefix_target_logits(model, batch), batch["targets"]  # (N, V), (N,)
+        seq = batch["target_seq"]  # (N,)
+    else:
+        logits, targets = target_logits(model, batch)  # (N, V), (N,)
+        seq = token_sequence_ids(batch)  # (N,)
     lp = token_logprobs(logits, targets)  # (N,)
     B = int(batch["num_sequences"])
     logps = lp.new_zeros(B).index_add(0, seq, lp)
@@ -160,12 +174,16 @@ def precompute_reference(
     device: torch.device | str = "cpu",
     cache_dir: Path | None = None,
     tag: str = "",
+    collate: Callable[[Sequence[Encoded]], dict[str, Any]] = pack,
 ) -> tuple[Tensor, dict[str, float]]:
     """Reference log-prob of each sequence in ``seqs`` -> (len(seqs),) fp32 on CPU.
 
-    Cached at ``cache_dir/<fingerprint>.pt`` (``cache_dir=None`` disables the cache); the
-    fingerprint covers the reference weights, every token id and loss-mask bit, and ``tag``
-    (e.g. the precision). Returns the values and ``{"ref/precompute_s", "ref/cache_hit"}``.
+    ``seqs[i : i + batch_size]`` go through ``collate`` (``pack``, or ``models.prefix.pack_pairs``
+    to share each pair's prompt; keep ``batch_size`` even then). Cached at
+    ``cache_dir/<fingerprint>.pt`` (``cache_dir=None`` disables the cache); the fingerprint
+    covers the reference weights, every token id and loss-mask bit, and ``tag`` (e.g. the
+    precision and forward kind). Returns the values and ``{"ref/precompute_s",
+    "ref/cache_hit"}``.
     """
     import time
 
@@ -181,8 +199,8 @@ def precompute_reference(
             return values, {"ref/precompute_s": time.perf_counter() - t0, "ref/cache_hit": 1.0}
     out = []
     for i in range(0, len(seqs), batch_size):
-        batch = pack(seqs[i : i + batch_size])
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        batch = collate(seqs[i : i + batch_size])
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         out.append(reference.logprobs(batch).cpu())
     values = torch.cat(out)
     if path is not None:

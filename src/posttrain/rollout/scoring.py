@@ -11,7 +11,8 @@ This is exact (the same attention each completion would see in its own forward),
 saves (G-1) * P tokens of every projection and MLP. The attention is a custom attention
 function (``prefix_attention_forward``): two batched SDPA calls per layer, one for all
 prompts and one for all completions, each completion's keys being its prompt's keys
-concatenated with its own. Without prefix sharing, each completion is packed padding-free
+concatenated with its own (``posttrain.models.prefix``, shared with the DPO family's pair
+forward). Without prefix sharing, each completion is packed padding-free
 as ``prompt + completion`` and runs through the varlen path of ``models/attention.py``.
 
 Only the positions that predict a completion token are projected through the LM head.
@@ -22,79 +23,24 @@ completion lengths, ``H`` heads, ``D`` head dim.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from posttrain.models.attention import packed_attention_forward, packed_kwargs
-
-PREFIX_ATTENTION = "posttrain_prefix"
+from posttrain.models.attention import packed_kwargs
+from posttrain.models.prefix import (  # noqa: F401  (re-exported: this module's public API)
+    PREFIX_ATTENTION,
+    PrefixLayout,
+    build_layout,
+    enable_prefix_attention,
+    pad_rows,
+    prefix_attention_forward,
+    prefix_forward_kwargs,
+)
 
 # (prompt ids, [completion ids, ...]) for one group.
 Group = tuple[Sequence[int], Sequence[Sequence[int]]]
-
-
-@dataclass
-class PrefixLayout:
-    """Index tensors of a prefix-shared packed row (built once per micro-batch)."""
-
-    prompt_idx: Tensor  # (Ng, P) row position of each prompt token (padding -> 0)
-    prompt_mask: Tensor  # (Ng, 1, P, P) bool: causal, real keys only
-    comp_idx: Tensor  # (Nc, L) row position of each completion token (padding -> 0)
-    kv_idx: Tensor  # (Nc, P + L) row positions of each completion's keys: prompt, then own
-    comp_mask: Tensor  # (Nc, 1, L, P + L) bool
-    inverse: Tensor  # (N,) where each row position sits in cat(prompt outputs, comp outputs)
-
-    def to(self, device: torch.device) -> PrefixLayout:
-        return PrefixLayout(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-
-def prefix_attention_forward(
-    module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-    attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, None]:
-    """query (1, H, N, D), key/value (1, H_kv, N, D) -> (1, N, H, D). Any forward without a
-    ``prefix_layout`` kwarg goes to the varlen/SDPA path unchanged."""
-    lay: PrefixLayout | None = kwargs.pop("prefix_layout", None)
-    if lay is None:
-        return packed_attention_forward(module, query, key, value, attention_mask,
-                                        dropout=dropout, scaling=scaling, **kwargs)
-    q, k, v = query[0], key[0], value[0]  # (H, N, D), (H_kv, N, D)
-    gqa = q.shape[0] != k.shape[0]
-    sdpa = lambda qq, kk, vv, m: F.scaled_dot_product_attention(  # noqa: E731
-        qq, kk, vv, attn_mask=m, scale=scaling, enable_gqa=gqa)
-    bhld = lambda x, idx: x[:, idx].transpose(0, 1)  # (H, N, D) -> (B, H, len, D)  # noqa: E731
-    out_p = sdpa(bhld(q, lay.prompt_idx), bhld(k, lay.prompt_idx), bhld(v, lay.prompt_idx),
-                 lay.prompt_mask)  # (Ng, H, P, D)
-    out_c = sdpa(bhld(q, lay.comp_idx), bhld(k, lay.kv_idx), bhld(v, lay.kv_idx),
-                 lay.comp_mask)  # (Nc, H, L, D)
-    real_p = lay.prompt_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (Ng, P) a real token sees itself
-    real_c = lay.comp_mask[:, 0, :, lay.prompt_idx.shape[1]:].diagonal(dim1=-2, dim2=-1)
-    flat = torch.cat([out_p.transpose(1, 2)[real_p], out_c.transpose(1, 2)[real_c]])  # (N, H, D)
-    return flat[lay.inverse].unsqueeze(0), None
-
-
-def enable_prefix_attention(model: nn.Module) -> bool:
-    """Switch an sdpa/eager/varlen model to the prefix-sharing attention (a superset of the
-    varlen one). Returns False (and changes nothing) for flash/flex implementations."""
-    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, sdpa_mask)
-    current = getattr(model.config, "_attn_implementation", None)
-    if current not in ("sdpa", "eager", "posttrain_packed", PREFIX_ATTENTION):
-        return False
-    model.set_attn_implementation(PREFIX_ATTENTION)
-    return True
-
-
-def _pad(rows: list[list[int]], value: int = 0) -> Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def build_batch(groups: Sequence[Group], prefix_sharing: bool = True) -> dict[str, Any]:
@@ -124,8 +70,8 @@ def build_batch(groups: Sequence[Group], prefix_sharing: bool = True) -> dict[st
                 targets.append(list(c))
                 ids += c
                 pos += range(P, P + len(c))
-        batch: dict[str, Any] = {"prefix_layout": _layout(prompt_rows, comp_rows, comp_group,
-                                                          len(ids))}
+        layout = build_layout(prompt_rows, comp_rows, comp_group, len(ids))
+        batch: dict[str, Any] = {"prefix_layout": layout}
     else:
         cu = [0]
         for prompt, comps in groups:
@@ -140,35 +86,12 @@ def build_batch(groups: Sequence[Group], prefix_sharing: bool = True) -> dict[st
     lengths = torch.tensor([len(t) for t in targets])
     batch.update({
         "input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
-        "pred_pos": _pad(pred), "targets": _pad(targets),
+        "pred_pos": pad_rows(pred), "targets": pad_rows(targets),
         "mask": torch.arange(lengths.max())[None, :] < lengths[:, None],
         "num_tokens": len(ids), "num_sequences": len(targets),
         "num_completion_tokens": int(lengths.sum()),
     })
     return batch
-
-
-def _layout(prompt_rows: list[list[int]], comp_rows: list[list[int]], comp_group: list[int],
-            n: int) -> PrefixLayout:
-    p_len = torch.tensor(list(map(len, prompt_rows)))
-    c_len = torch.tensor(list(map(len, comp_rows)))
-    P, L = int(p_len.max()), int(c_len.max())
-    p_real = torch.arange(P)[None] < p_len[:, None]  # (Ng, P)
-    c_real = torch.arange(L)[None] < c_len[:, None]  # (Nc, L)
-    causal_p = torch.ones(P, P, dtype=torch.bool).tril()
-    causal_c = torch.ones(L, L, dtype=torch.bool).tril()
-    prompt_idx, comp_idx = _pad(prompt_rows), _pad(comp_rows)
-    grp = torch.tensor(comp_group)
-    # Padded query rows still see at least one real key, so SDPA never returns NaN.
-    prompt_mask = causal_p[None] & p_real[:, None, :]
-    comp_keys = torch.cat([p_real[grp][:, None, :].expand(-1, L, -1),
-                           causal_c[None] & c_real[:, None, :]], dim=-1)  # (Nc, L, P + L)
-    order = torch.cat([prompt_idx[p_real], comp_idx[c_real]])
-    inverse = torch.empty(n, dtype=torch.long)
-    inverse[order] = torch.arange(n)
-    return PrefixLayout(prompt_idx, prompt_mask[:, None], comp_idx,
-                        torch.cat([prompt_idx[grp], comp_idx], dim=1), comp_keys[:, None],
-                        inverse)
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -188,10 +111,7 @@ def completion_logprobs(
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"],
                               "position_ids": batch["position_ids"], "use_cache": False}
     if "prefix_layout" in batch:
-        # A 4D mask makes transformers skip building an (N, N) mask; our attention ignores it.
-        kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool,
-                                              device=batch["input_ids"].device)
-        kwargs["prefix_layout"] = batch["prefix_layout"]
+        kwargs = prefix_forward_kwargs(batch)
     else:
         kwargs.update(packed_kwargs(batch))
     hidden = decoder(**kwargs).last_hidden_state[0]  # (N, d_model)
