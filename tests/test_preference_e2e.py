@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,6 +24,7 @@ from posttrain.algorithms.preference import (
 )
 from posttrain.config import load_config
 from posttrain.data.batching import pack, pad
+from posttrain.errors import DataError
 from posttrain.evals.refusal import is_refusal, refusal_rates
 from posttrain.models.attention import enable_packed_attention
 from posttrain.models.logprobs import sequence_logprobs
@@ -126,3 +135,77 @@ def test_refusal_rates_counts_by_kind():
     metrics, samples = refusal_rates(model, tok, rows, max_new_tokens=4)
     assert set(metrics) == {"refusal_rate", "over_refusal_rate"} and len(samples) == 2
     assert metrics["refusal_rate"] == 0.0  # an untrained model does not say "Sorry"
+
+
+def _dpo_cli(out, data, cache) -> list[str]:
+    return [sys.executable, "-m", "posttrain.cli", "dpo", "model=tiny:nano", f"data={data}",
+            f"output_dir={out}", "max_steps=30", "save_steps=3", "batch_size=4", "lr=3e-3",
+            "warmup_steps=2", "max_length=128", "save_total_limit=2", "seed=5",
+            f"ref_cache_dir={cache}"]
+
+
+def test_dpo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    """DPO (prefix-shared forward, precomputed reference) killed after a checkpoint and
+    resumed ends with the uninterrupted run's weights, bit for bit. The resumed run reloads
+    the reference from ``model`` and, its cache deleted, recomputes the same values."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    data = "task:pref_safety:size=48"
+    ref = tmp_path / "ref"
+    subprocess.run(_dpo_cli(ref, data, tmp_path / "c1"), check=True, env=env,
+                   capture_output=True)
+
+    run, cache = tmp_path / "killed", tmp_path / "c2"
+    proc = subprocess.Popen(_dpo_cli(run, data, cache), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-6").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists(), "killed too late to test resume"
+    shutil.rmtree(cache)
+
+    resumed = subprocess.run([*_dpo_cli(run, data, cache), "resume=true"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(ref / "final" / "model.safetensors"), load_file(
+        run / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    rows = read_metrics(run / "metrics.jsonl")
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice
+    assert [r["ref/cache_hit"] for r in rows if "ref/cache_hit" in r][-1] == 0
+
+
+def test_bad_preference_rows_error_or_are_counted(tmp_path):
+    tok = build_tokenizer()
+    good = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
+    bad_rows = {
+        "missing": ({"prompt": "q", "chosen": "a"}, "rejected"),
+        "empty": ({"prompt": "q", "chosen": "", "rejected": "b"}, "field 'chosen'"),
+        "same": ({"prompt": "q", "chosen": "a", "rejected": "a"}, "different from 'chosen'"),
+    }
+    for name, (row, message) in bad_rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=message) as info:
+            encode_pairs(str(path), tok, max_length=64)
+        assert f"{name}.jsonl:2" in str(info.value)  # file and line
+    # on_bad_row=skip: the 3 bad rows are counted; a prompt longer than max_length leaves no
+    # response after truncation: dropped and counted too.
+    long_prompt = {"prompt": "x" * 200, "chosen": "a", "rejected": "b"}
+    rows = [good, *(r for r, _ in bad_rows.values()), long_prompt] + [good] * 4
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = encode_pairs(str(path), tok, max_length=64, on_bad_row="skip")
+    assert (pairs.rows, pairs.skipped_rows, pairs.dropped, len(pairs.examples)) == (6, 3, 1, 5)
+    cfg = _cfg(tmp_path, "skip", f"data={path}", "on_bad_row=skip", "max_steps=1",
+               "max_length=64", "batch_size=4")
+    train_preference(cfg)
+    first = read_metrics(tmp_path / "skip" / "metrics.jsonl")[0]
+    assert (first["data/skipped_rows"], first["data/dropped_rows"], first["data/pairs"]) == \
+        (3, 1, 5)
