@@ -67,6 +67,14 @@ def test_pack_pairs_row_positions_and_targets():
     assert batch["target_seq"].tolist() == [0, 0, 1, 1, 2, 3, 3]
     assert batch["num_sequences"] == 4 and batch["num_tokens"] == 13
     assert batch["num_unshared_tokens"] == 16  # 3 prompt tokens saved
+    # gather layout: each sequence's tokens in the shared row, prompt rows repeated
+    lay = batch["prefix_layout"]
+    assert lay.unshared_idx.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert lay.cu_seq_lens.tolist() == [0, 5, 11, 13, 16]
+    assert lay.pick.tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15]
+    masked = pack_pairs([a, b, x, y], attention="masked")
+    assert torch.equal(masked["pred_pos"], batch["pred_pos"])
+    assert masked["prefix_layout"].comp_mask.shape == (4, 1, 3, 3 + 3)  # Nc, 1, L, P + L
 
 
 def _long_pairs(tok, n: int = 6, seed: int = 0) -> list[Encoded]:
@@ -96,13 +104,13 @@ def _long_pairs(tok, n: int = 6, seed: int = 0) -> list[Encoded]:
     return seqs
 
 
-def test_prefix_shared_logprobs_and_grads_equal_packed_forward():
+@pytest.mark.parametrize("attention", ["gather", "masked"])
+def test_prefix_shared_logprobs_and_grads_equal_packed_forward(attention):
     tok = build_tokenizer()
     seqs = _long_pairs(tok)
-    torch.manual_seed(0)
     model = build_model("nano", seed=0)
     enable_prefix_attention(model)  # serves both kinds of batch
-    shared, plain = pack_pairs(seqs), pack(seqs)
+    shared, plain = pack_pairs(seqs, attention), pack(seqs)
     assert shared["num_tokens"] < 0.65 * plain["num_tokens"]  # prompts >= 100 tokens, once
     out = {}
     for name, batch in (("shared", shared), ("plain", plain)):
@@ -159,12 +167,15 @@ def test_groups_of_more_than_two_and_empty_suffix():
     g = [_enc([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]), _enc([5, 6, 7, 10], [0, 0, 0, 1]),
          _enc([5, 6, 7, 11, 12, 13], [0, 0, 0, 1, 0, 1])]
     single = [_enc([4], [0])]
-    shared = pack_groups([g, single])
-    assert shared["num_tokens"] == 15 - 6 + 1
-    got, n = sequence_logprobs(model, shared)
     want, n2 = sequence_logprobs(model, pack([*g, *single]))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert n.tolist() == n2.tolist() == [2, 1, 2, 0]
+    for attention in ("gather", "masked"):
+        shared = pack_groups([g, single], attention)
+        assert shared["num_tokens"] == 15 - 6 + 1
+        got, n = sequence_logprobs(model, shared)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert n.tolist() == n2.tolist() == [2, 1, 2, 0]
+    with pytest.raises(ValueError, match="gather"):
+        pack_groups([g], "flash")
 
 
 # ---- the recipe ------------------------------------------------------------------------

