@@ -16,8 +16,11 @@ grad-norm clip 1.0, no gradient checkpointing, beta 0.1, sigmoid DPO loss, every
 once. Reference log-probs are precomputed before training on both sides (TRL
 ``precompute_ref_log_probs=True``, its fastest setting; posttrain's default, with a fresh
 cache so it is really computed); that time is reported separately. Training speed is
-pairs/s over the timed steps: wall clock from one step's end to the next (data collation,
-logging and the optimizer included), the first ``warmup`` steps dropped.
+pairs per step over the median step time: wall clock from one step's end to the next (data
+collation, logging and the optimizer included), the first ``warmup`` steps dropped; the
+median resists other jobs' bursts on a shared CPU (the mean-based figure is reported too).
+CPU s/pair is the process CPU time (all threads) of the median step per pair: what the run
+itself consumed, which other jobs inflate far less than wall time.
 
 Sides: ``posttrain`` (default: each pair's prompt computed once, padding-free),
 ``posttrain_noshare`` (``prefix_sharing=false``: padding-free packing, prompt computed twice,
@@ -97,20 +100,36 @@ def make_pref_rows(tokenizer: Any, n: int, seed: int) -> list[dict]:
 # ---- the sides (each in its own process) ---------------------------------------------------
 
 
-def step_rates(stamps: list[float], start: float, pairs: int, warmup: int) -> dict[str, Any]:
-    """Pairs/s over the steps after ``warmup``, from step-end timestamps."""
-    ends = [start, *stamps]
-    times = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
-    timed = times[warmup:]
-    if not timed:
-        raise ValueError(f"only {len(times)} steps timed; need more than warmup={warmup}")
-    return {"pairs_per_s": pairs * len(timed) / sum(timed), "s_per_step": sum(timed) / len(timed),
-            "step_times": [round(t, 2) for t in times]}
+class Clock:
+    """Wall-clock and process CPU time at each optimizer step's end. Process time (all
+    threads) is what this run consumed, so it moves far less than wall time when other
+    jobs share the CPU."""
+
+    def __init__(self) -> None:
+        self.stamps = [(time.perf_counter(), time.process_time())]
+
+    def tick(self) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+    def rates(self, pairs: int, warmup: int) -> dict[str, Any]:
+        """Over the steps after ``warmup``: ``pairs`` / the median step time (the median
+        resists other jobs' bursts), the mean-based rate, and CPU seconds per pair."""
+        wall = [b[0] - a[0] for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
+        cpu = [b[1] - a[1] for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
+        if len(wall) <= warmup:
+            raise ValueError(f"only {len(wall)} steps timed; need more than warmup={warmup}")
+        tw, tc = wall[warmup:], cpu[warmup:]
+        return {"pairs_per_s": pairs / statistics.median(tw),
+                "pairs_per_s_mean": pairs * len(tw) / sum(tw),
+                "s_per_step": statistics.median(tw),
+                "cpu_s_per_pair": statistics.median(tc) / pairs,
+                "step_times": [round(t, 2) for t in wall], "step_cpu": [round(t, 2) for t in cpu]}
 
 
 def side_posttrain(a: argparse.Namespace, data: Path, out: Path, share: bool) -> dict[str, Any]:
     from posttrain.algorithms.preference import DPOConfig, train_preference
     from posttrain.config import load_config
+    from posttrain.train.engine import Engine
     from posttrain.train.metrics import read_metrics
 
     cfg = load_config(DPOConfig, None, [
@@ -119,12 +138,23 @@ def side_posttrain(a: argparse.Namespace, data: Path, out: Path, share: bool) ->
         "lr_scheduler=constant", "precision=bf16", f"max_length={a.max_length}", "beta=0.1",
         f"prefix_sharing={str(share).lower()}", f"ref_cache_dir={out / 'cache'}",
         "report_to=[jsonl]", "save_steps=0", f"seed={a.seed}"])
+    clocks: list[Clock] = []
+    log = Engine.log
+
+    def timed_log(self: Engine, metrics: dict[str, Any]) -> None:
+        # fit() logs every step (logging_steps=1); the first log is just before step 1.
+        if clocks:
+            clocks[0].tick()
+        else:
+            clocks.append(Clock())
+        log(self, metrics)
+
+    Engine.log = timed_log
     train_preference(cfg)
     rows = read_metrics(out / "run" / "metrics.jsonl")
-    first = rows[0]  # logged just before the first step (after data prep and the reference)
     steps = [r for r in rows if "train/loss" in r]
-    res = step_rates([r["time"] for r in steps], first["time"], a.batch_size, a.warmup)
-    res.update(ref_precompute_s=first["ref/precompute_s"],
+    res = clocks[0].rates(a.batch_size, a.warmup)
+    res.update(ref_precompute_s=rows[0]["ref/precompute_s"],
                tokens_per_step=statistics.mean(r["perf/tokens"] for r in steps),
                prefix_saved_frac=statistics.mean(r.get("perf/prefix_saved_frac", 0.0)
                                                   for r in steps))
@@ -171,22 +201,26 @@ def side_trl(a: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
         return batch
 
     trainer.data_collator = counting_collate
-    stamps: list[float] = []
+    clock: list[Clock] = []
 
-    class Clock(TrainerCallback):
+    class StepEnd(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
+            clock.append(Clock())
+
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
-            stamps.append(time.time())
+            clock[0].tick()
 
-    trainer.add_callback(Clock())
-    start = time.time()
+    trainer.add_callback(StepEnd())
     trainer.train()
-    res = step_rates(stamps, start, a.batch_size, a.warmup)
+    res = clock[0].rates(a.batch_size, a.warmup)
     res.update(ref_precompute_s=sum(precompute_s), tokens_per_step=statistics.mean(counts),
                prefix_saved_frac=0.0)
     return res
 
 
 def run_one_side(a: argparse.Namespace) -> None:
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if a.side == "trl":
@@ -197,13 +231,15 @@ def run_one_side(a: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
-def launch(args: list[str], timeout: float = 3600) -> dict[str, Any]:
+def launch(args: list[str], threads: int = 0, timeout: float = 3600) -> dict[str, Any]:
     """``python -m benchmarks.dpo_bench _side ...`` in a fresh process (its own peak RSS and
     its own datasets cache); its last stdout line is JSON."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
                "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.dpo_bench", "_side", *args],
                               cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -240,7 +276,8 @@ def bench(a: argparse.Namespace) -> list[dict]:
                 peak = matmul_peak(torch.bfloat16)
                 load = os.getloadavg()[0]
                 for side in a.sides.split(","):
-                    r = launch([*common, "--side", side])
+                    r = launch([*common, "--side", side, "--threads", str(a.threads)],
+                               a.threads)
                     tps = r["tokens_per_step"] / r["s_per_step"]
                     r.update(workload=workload, round=rnd, peak_flops=peak, load=load,
                              mfu=tps * fpt / peak, seq_len=(min(lens), max(lens)),
@@ -248,13 +285,15 @@ def bench(a: argparse.Namespace) -> list[dict]:
                     results.append(r)
                     print(f"  {workload:8s} round {rnd} {side:18s} {r['pairs_per_s']:6.2f} "
                           f"pairs/s  ref {r['ref_precompute_s']:6.1f} s  "
-                          f"tokens/step {r['tokens_per_step']:.0f}  steps {r['step_times']}  "
+                          f"tokens/step {r['tokens_per_step']:.0f}  steps {r['step_times']} "
+                          f"cpu {r['step_cpu']}  "
                           f"load {load:.1f}", file=sys.stderr, flush=True)
     return results
 
 
 def table(results: list[dict]) -> str:
-    """Median over rounds per (workload, side); ratios vs TRL's median."""
+    """Per (workload, side): the median over runs of each run's pairs/s (pairs / median step
+    time); ratios vs TRL's."""
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     rows = []
     workloads = list(dict.fromkeys(r["workload"] for r in results))
@@ -262,18 +301,22 @@ def table(results: list[dict]) -> str:
         sides = list(dict.fromkeys(r["side"] for r in results if r["workload"] == w))
         by = {s: [r for r in results if r["workload"] == w and r["side"] == s] for s in sides}
         trl = med(by["trl"], "pairs_per_s") if "trl" in by else None
+        trl_cpu = med(by["trl"], "cpu_s_per_pair") if "trl" in by else None
         for s, rs in by.items():
-            pps = med(rs, "pairs_per_s")
+            pps, cpu = med(rs, "pairs_per_s"), med(rs, "cpu_s_per_pair")
             rows.append([
                 w, s, len(rs), f"{pps:.2f}", " / ".join(f"{r['pairs_per_s']:.2f}" for r in rs),
-                f"{pps / trl:.2f}x" if trl else "-", f"{med(rs, 's_per_step'):.2f}",
+                f"{pps / trl:.2f}x" if trl else "-", f"{med(rs, 'pairs_per_s_mean'):.2f}",
+                f"{cpu:.2f}", f"{trl_cpu / cpu:.2f}x" if trl else "-",
+                f"{med(rs, 's_per_step'):.2f}",
                 f"{med(rs, 'tokens_per_step'):.0f}", f"{med(rs, 'ref_precompute_s'):.1f}",
                 f"{med(rs, 'peak_rss_mb'):.0f}", f"{100 * med(rs, 'mfu'):.1f}%",
                 f"{med(rs, 'peak_flops') / 1e9:.0f}",
             ])
-    return format_table(["workload", "side", "runs", "pairs/s (median)", "pairs/s per run",
-                         "vs TRL", "s/step", "tokens/step", "ref precompute s", "peak RSS MiB",
-                         "MFU", "bf16 peak GFLOP/s"], rows)
+    return format_table(["workload", "side", "runs", "pairs/s", "pairs/s per run", "vs TRL",
+                         "pairs/s (mean-based)", "CPU s/pair", "vs TRL (CPU)", "s/step",
+                         "tokens/step", "ref precompute s", "peak RSS MiB", "MFU",
+                         "bf16 peak GFLOP/s"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per side; 0 = default")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--side")
     p.add_argument("--data")
@@ -299,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     results = bench(a)
     print(f"\nDPO: posttrain vs TRL DPOTrainer, {a.batch_size} pairs/step, {a.steps} steps "
           f"({a.warmup} warm-up) per run, {a.rounds} interleaved rounds, bf16 autocast, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {a.threads or torch.get_num_threads()}")
     first = results[0]["side"]
     for w in dict.fromkeys(r["workload"] for r in results):
         rs = [r for r in results if r["workload"] == w and r["side"] == first]
