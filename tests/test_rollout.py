@@ -138,3 +138,43 @@ def test_sampling_frequencies_match_the_distribution():
     tok, _ = sample_tokens(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
     freq = torch.bincount(tok, minlength=3) / tok.numel()
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=5e-3, rtol=0)
+
+
+def test_preallocated_cache_without_padding_and_after_compaction(setup):
+    """Equal-length prompts (no left padding: transformers may drop an all-ones mask) and rows
+    dropped mid-generation: the sampler's log-probs still equal a plain forward per
+    completion (fp32, atol 1e-5), and every completion slot was written once."""
+    model, tok, gen, _ = setup
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("ab", "cd")]
+    assert len(prompts[0]) == len(prompts[1])
+    stop = KVCacheGenerator(model, tok, stop_token_ids=[ord("e"), ord("a"), ord(" ")])
+    for g in (gen, stop):
+        ro = g.generate(prompts, 4, SamplingParams(max_new_tokens=24, seed=3))
+        assert any(len(c) < 24 for c in ro.completion_ids) or g is gen
+        for k, (c, lp) in enumerate(zip(ro.completion_ids, ro.logprobs, strict=True)):
+            ids = torch.tensor([prompts[k // 4] + c])
+            with torch.no_grad():
+                ref = model(ids).logits[0, len(prompts[0]) - 1:-1].log_softmax(-1)
+            ref = ref.gather(-1, ids[0, len(prompts[0]):, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_never_draws_a_filtered_token_and_top_p_fast_path_is_exact(monkeypatch):
+    from posttrain.rollout import sampling
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 300, generator=g) * 3
+    logits[:, ::2] = float("-inf")  # half the vocabulary has probability 0
+    tok, lp = sample_tokens(logits.repeat(50, 1), 1.0, 0, 1.0, g)
+    assert (tok % 2 == 1).all() and torch.isfinite(lp).all()
+    # top-p among the top candidates == top-p over the full sort (and the fallback kicks in
+    # when a nucleus is wider than the candidates)
+    logits = torch.randn(32, 300, generator=g) * torch.linspace(0.1, 6, 32)[:, None]
+    for p in (0.3, 0.9, 0.999):
+        probs = logits.softmax(-1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        ref = torch.zeros_like(probs, dtype=torch.bool).scatter(
+            -1, order, (sorted_p.cumsum(-1) - sorted_p) >= p)
+        for k in (16, 1024):
+            monkeypatch.setattr(sampling, "_TOP_P_CANDIDATES", k)
+            assert torch.equal(sampling._top_p_drop(logits, p), ref)

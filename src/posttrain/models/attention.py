@@ -8,11 +8,24 @@ the packed row, so the cost is sum(l_i^2) instead of N^2.
 
 ``enable_packed_attention(model)`` switches a model to it. A forward that passes
 ``cu_seq_lens_q`` (cumulative sequence lengths, as flash-attn's varlen API names them) uses
-the per-sequence path; any other forward (padded batches, generation with a KV cache) falls
-through to transformers' own SDPA with its mask, unchanged.
+the per-sequence path, and transformers builds no (N, N) mask for it (the mask function sees
+a varlen forward through a context variable set by a forward pre-hook); any other forward
+(padded batches, generation with a KV cache) falls through to transformers' own SDPA with its
+mask, unchanged.
+
+CPU speed notes (measured on a 2-core AVX512-BF16 EPYC, torch 2.13; benchmarks/README_sft.md):
+the CPU flash kernel is ~25-35% faster in fp32 than in bf16 (fwd + bwd, head dim 64, the
+sequence lengths of an SFT batch), and decoding attention with a padding mask ~30% faster, so
+on CPU every path of this attention computes in fp32 even under bf16 autocast (more precise,
+too; the matmuls around it stay bf16). The packed row is cut with ``split`` (its backward is
+one concatenation) rather than slicing (whose backward zero-fills a full-row gradient per
+sequence).
 """
 
 from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +36,30 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED_ATTENTION = "posttrain_packed"
 
+# True while a forward with ``cu_seq_lens_q`` runs: its attention never reads a mask.
+_VARLEN_FORWARD: ContextVar[bool] = ContextVar("posttrain_varlen_forward", default=False)
 
-def _no_mask(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
-    return None
+
+def packed_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+    """transformers' SDPA mask, except inside a varlen forward, where no mask is needed (for
+    packed position ids transformers would otherwise build the full (N, N) block-diagonal
+    mask that the varlen path ignores)."""
+    if _VARLEN_FORWARD.get():
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def _varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, lengths: list[int],
+                 scaling: float | None) -> Tensor:
+    """(1, H, N, D), (1, H_kv, N, D) x2 -> (1, N, H, D): causal SDPA per sequence."""
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        .transpose(1, 2)  # (1, l, H, D); the cat below makes the result contiguous
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2),
+                           value.split(lengths, 2), strict=True)
+    ]
+    return torch.cat(outs, dim=1)
 
 
 def packed_attention_forward(
@@ -42,27 +76,56 @@ def packed_attention_forward(
 
     With ``cu_seq_lens_q`` = [0, l_1, l_1 + l_2, ..., N], sequence i attends causally within
     tokens [cu_i, cu_{i+1}) only. Dropout is not supported on this path (post-training runs
-    with attention dropout 0).
+    with attention dropout 0). On CPU the attention (this path and the fallback) is computed
+    in fp32 (see the module doc) and returned in the query's dtype.
     """
     cu = kwargs.get("cu_seq_lens_q")
+    on_cpu = query.device.type == "cpu"
     if cu is None or query.shape[0] != 1:
         kwargs.pop("cu_seq_lens_k", None)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    bounds = cu.tolist()
-    gqa = query.shape[1] != key.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                       is_causal=True, scale=scaling, enable_gqa=gqa)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+        if not on_cpu:
+            return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          dropout=dropout, scaling=scaling, **kwargs)
+        with torch.autocast("cpu", enabled=False):  # fp32: see the module doc
+            out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                            attention_mask, dropout=dropout, scaling=scaling,
+                                            **kwargs)
+        return out.to(query.dtype), None
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if not on_cpu:
+        return _varlen_sdpa(query, key, value, lengths, scaling), None
+    with torch.autocast("cpu", enabled=False):  # our dtype choice, not autocast's bf16
+        out = _varlen_sdpa(query.float(), key.float(), value.float(), lengths, scaling)
+    return out.to(query.dtype), None
+
+
+def _enter_varlen(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    token = _VARLEN_FORWARD.set(kwargs.get("cu_seq_lens_q") is not None)
+    module.__dict__.setdefault("_posttrain_varlen_tokens", []).append(token)
+
+
+def _exit_varlen(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    tokens = module.__dict__.get("_posttrain_varlen_tokens")
+    if tokens:
+        _VARLEN_FORWARD.reset(tokens.pop())
+
+
+def _track_varlen_forwards(model: nn.Module) -> None:
+    """Mark varlen forwards of ``model``'s decoder (where transformers builds the mask; the
+    causal-LM wrapper passes its kwargs through, and some callers call the decoder itself)."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    decoder = decoder if isinstance(decoder, nn.Module) else model
+    if getattr(decoder, "_posttrain_varlen_hooked", False):
+        return
+    decoder.register_forward_pre_hook(_enter_varlen, with_kwargs=True)
+    decoder.register_forward_hook(_exit_varlen, with_kwargs=True, always_call=True)
+    decoder._posttrain_varlen_hooked = True
 
 
 def register() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
     # Padded batches and generation still need transformers' causal/padding mask.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_mask)
 
 
 def enable_packed_attention(model: nn.Module) -> bool:
@@ -72,6 +135,7 @@ def enable_packed_attention(model: nn.Module) -> bool:
     if current not in ("sdpa", "eager", PACKED_ATTENTION):
         return False  # flash/flex kernels already handle packed rows natively
     model.set_attn_implementation(PACKED_ATTENTION)
+    _track_varlen_forwards(model)
     return True
 
 

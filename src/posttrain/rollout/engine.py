@@ -4,9 +4,15 @@
 
 Each distinct prompt is prefilled once; its keys/values are then repeated for its ``n``
 samples, so a GRPO group pays for its prompt once. Decoding is a plain loop over the model's
-forward with a ``DynamicCache`` (no ``generate`` machinery per step), and rows that have
-finished are dropped from the batch (and the cache) as they finish, so long-tail
-completions do not keep the finished ones computing.
+forward (no ``generate`` machinery per step), and rows that have finished are dropped from the
+batch (and the cache) as they finish, so long-tail completions do not keep the finished ones
+computing.
+
+The KV cache is preallocated for the whole call (prompt width + ``max_new_tokens``) and
+written in place, where ``DynamicCache`` concatenates (copies) every layer's keys and values
+at every step. On CPU it holds fp32, the dtype posttrain's attention computes in there
+(``models/attention.py``), so no step re-casts the cache. The generator switches sdpa/eager
+models to that attention (identical results in fp32; see its module doc).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
+from posttrain.models.attention import enable_packed_attention
+from posttrain.models.forward import unwrap_model
 from posttrain.rollout.protocol import FinishReason, Rollouts, SamplingParams
 from posttrain.rollout.sampling import sample_tokens
 from posttrain.train.engine import autocast_context
@@ -41,6 +50,73 @@ def default_stop_ids(model: nn.Module, tokenizer: Any | None = None) -> tuple[in
     return tuple(sorted(ids))
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """One layer's keys/values: zero-initialised (B, H_kv, capacity, D) buffers written in
+    place. Attention reads the whole (contiguous) buffers; the causal mask hides the slots not
+    written yet (a query at position t sees keys 0..t), so no step copies the cache."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype | None):
+        super().__init__()
+        self.capacity, self.dtype, self.length = capacity, dtype, 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        dtype = self.dtype or value_states.dtype
+        B, H, _, D = key_states.shape
+        self.keys = key_states.new_zeros(B, H, self.capacity, D, dtype=dtype)
+        self.values = value_states.new_zeros(B, value_states.shape[1], self.capacity,
+                                             value_states.shape[-1], dtype=dtype)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} tokens > capacity {self.capacity}")
+        self.keys[:, :, start:end].copy_(key_states)
+        self.values[:, :, start:end].copy_(value_states)
+        self.length = end
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+class PreallocatedCache(DynamicCache):
+    """A KV cache of ``capacity`` tokens per layer, allocated once (for attention-only decoders:
+    every layer a full or sliding-window attention layer). Masks span the whole capacity."""
+
+    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype | None = None):
+        Cache.__init__(self, layers=[_PreallocatedLayer(capacity, dtype)
+                                     for _ in range(num_layers)])
+
+
+def _attention_layers(model: nn.Module) -> int | None:
+    """The decoder's layer count if every layer is an attention layer, else None."""
+    config = model.config.get_text_config(decoder=True)
+    kinds = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(k not in ("full_attention", "sliding_attention") for k in kinds):
+        return None
+    return getattr(config, "num_hidden_layers", None)
+
+
 class KVCacheGenerator:
     """Samples from ``model`` itself (no weight copy: after an optimizer step the next
     ``generate`` already uses the new weights).
@@ -53,12 +129,14 @@ class KVCacheGenerator:
                  stop_token_ids: Sequence[int] = (), precision: str = "fp32",
                  pad_token_id: int | None = None):
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        enable_packed_attention(unwrap_model(model))
         self.stop_token_ids = tuple(stop_token_ids)
         pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = 0 if pad is None else int(pad)
 
     def update_weights(self, model: nn.Module) -> None:
         self.model = model
+        enable_packed_attention(unwrap_model(model))
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int,
@@ -85,25 +163,37 @@ class KVCacheGenerator:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor]:
-        """Left-padded prompts through the model once: (cache, mask (B, P), last logits (B, V))."""
+    def _prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 ) -> tuple[DynamicCache, Tensor, Tensor, bool]:
+        """Left-padded prompts through the model once: (cache, mask (B, P + max_new_tokens),
+        last logits (B, V), whether the cache is preallocated). The mask is 1 on prompt tokens,
+        0 on left padding and on completion slots not written yet."""
         dev, width = self._device, max(map(len, prompts))
         ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts],
                            device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                            cache=cache, use_cache=True, logits_to_keep=1).logits
-        return cache, mask, logits[:, -1]
+        mask = torch.zeros(len(prompts), width + max_new_tokens, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            mask[i, width - len(p):width] = 1
+        pos = (mask[:, :width].cumsum(-1) - 1).clamp_min(0)
+        layers = _attention_layers(unwrap_model(self.model))
+        if layers is None:  # recurrent/linear-attention layers: transformers' own cache
+            cache, prealloc = DynamicCache(config=unwrap_model(self.model).config), False
+        else:  # on CPU fp32, the dtype posttrain's attention computes in there
+            cache = PreallocatedCache(layers, width + max_new_tokens,
+                                      torch.float32 if dev.type == "cpu" else None)
+            prealloc = True
+        logits = self.model(input_ids=ids, attention_mask=mask if prealloc else mask[:, :width],
+                            position_ids=pos, cache=cache, use_cache=True,
+                            logits_to_keep=1).logits
+        return cache, mask, logits[:, -1], prealloc
 
     def _generate(self, prompts: Sequence[Sequence[int]], n: int, sp: SamplingParams) -> Rollouts:
-        dev = self._device
-        cache, mask, logits = self._prefill(prompts)
+        dev, width = self._device, max(map(len, prompts))
+        cache, mask, logits, prealloc = self._prefill(prompts, sp.max_new_tokens)
         cache.batch_repeat_interleave(n)  # the prompt's K/V, computed once, for n samples
         mask, logits = mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
         R = mask.shape[0]
-        next_pos = mask.sum(-1)  # (R,) position of each row's next token
+        next_pos = mask[:, :width].sum(-1)  # (R,) position of each row's next token
         rows = torch.arange(R, device=dev)  # original row of each batch slot
         gen = torch.Generator(device=dev)
         gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(2**62, ())))
@@ -133,8 +223,9 @@ class KVCacheGenerator:
                 cache.batch_select_indices(keep)
                 mask, next_pos, rows, tok = mask[keep], next_pos[keep], rows[keep], tok[keep]
                 alive = alive[keep]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = self.model(input_ids=tok[:, None], attention_mask=mask,
+            mask[:, width + step] = 1  # the slot this step's token is written to
+            logits = self.model(input_ids=tok[:, None],
+                                attention_mask=mask if prealloc else mask[:, :width + step + 1],
                                 position_ids=next_pos[:, None], cache=cache,
                                 use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
