@@ -45,6 +45,18 @@ def _run_grpo(cfg: Any) -> Any:
     return train_grpo(cfg)
 
 
+def _ppo_cls() -> type:
+    from posttrain.algorithms.ppo import PPOConfig
+
+    return PPOConfig
+
+
+def _run_ppo(cfg: Any) -> Any:
+    from posttrain.algorithms.ppo import train_ppo
+
+    return train_ppo(cfg)
+
+
 def _rm_cls() -> type:
     from posttrain.algorithms.reward_model import RMConfig
 
@@ -88,6 +100,8 @@ TRAIN_COMMANDS: dict[str, TrainCommand] = {
                           _run_pref),
     "grpo": TrainCommand("online RL, group-relative advantages: GRPO/DAPO/Dr.GRPO/GSPO, RLOO, "
                          "REINFORCE++", _grpo_cls, _run_grpo),
+    "ppo": TrainCommand("classic RLHF: PPO with a value model, GAE and a KL penalty to the "
+                        "reference", _ppo_cls, _run_ppo),
 }
 
 OTHER_COMMANDS = {

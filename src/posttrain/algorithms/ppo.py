@@ -163,6 +163,9 @@ class PPOConfig(TrainConfig):
                      "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum != 1:
+            raise ConfigError("ppo accumulates micro-batches of batch_size up to "
+                              "mini_batch_size; leave grad_accum at 1")
         if self.rollout_size % self.mini_batch_size:
             raise ConfigError(f"mini_batch_size={self.mini_batch_size} must divide "
                               f"prompts_per_step * num_generations = {self.rollout_size}")
