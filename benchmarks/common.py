@@ -91,11 +91,13 @@ def throughput(clock: StepClock, warmup: int) -> dict[str, float]:
             "timed_tokens": tokens}
 
 
-def run_side(args: list[str], timeout: float = 3600) -> dict[str, Any]:
-    """Run ``python -m benchmarks.run <args>`` in a fresh process; its last stdout line is JSON."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+def run_side(args: list[str], timeout: float = 3600, env: dict[str, str] | None = None,
+             module: str = "benchmarks.run") -> dict[str, Any]:
+    """Run ``python -m <module> <args>`` in a fresh process; its last stdout line is JSON."""
+    base = env if env is not None else dict(os.environ)
+    env = {**base, "PYTHONPATH": f"{REPO}{os.pathsep}{base.get('PYTHONPATH', '')}",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark side {args} failed:\n{proc.stderr[-4000:]}")

@@ -4,19 +4,24 @@
     python -m benchmarks.run sft --workloads smollm2 --steps 10 --warmup 3
 
 One invocation measures the machine's bf16 matmul peak, writes one shared dataset, then runs
-each side in its own fresh process (so peak RSS is per side) and prints a markdown table:
-tokens/s, the posttrain/TRL ratio, peak RSS and MFU. Fair settings on both sides: bf16
+each side in its own fresh process (so peak RSS is per side), ``--rounds`` times alternately
+(posttrain, TRL, posttrain, TRL, ...: a shared machine's speed drifts, so both sides sample
+the same minutes), and prints a markdown table: median tokens/s, the posttrain/TRL ratio
+(median of the per-round ratios), peak RSS and MFU. Fair settings on both sides: bf16
 autocast over fp32 master weights, the same micro-batch (sequences), the same pre-tokenized
-rows with the same loss mask, AdamW (torch), constant LR, grad-norm clip 1.0, gradient
-checkpointing off, no grad accumulation; TRL runs ``padding_free=True`` (its packing without
-padding), posttrain its default packed varlen path.
+rows with the same loss mask, fused AdamW (torch; transformers' default ``adamw_torch_fused``),
+constant LR, grad-norm clip 1.0, gradient checkpointing off, no grad accumulation; TRL runs
+``padding_free=True`` (its packing without padding), posttrain its default packed varlen path.
+Both sides get the same threading environment (``--omp-wait-policy``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -126,7 +131,7 @@ def side_trl(a: argparse.Namespace, rows: list[dict], out: Path) -> StepClock:
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr,
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch_fused",
         weight_decay=0.0, bf16=True, gradient_checkpointing=False, padding_free=True,
         completion_only_loss=True, max_length=None, logging_steps=1,  # rows pre-truncated
         save_strategy="no", report_to=[], dataloader_num_workers=0, seed=a.seed,
@@ -170,9 +175,11 @@ def run_one_side(a: argparse.Namespace) -> None:
 
 
 def bench_sft(a: argparse.Namespace) -> list[dict]:
+    """One result per (workload, side): medians over ``a.rounds`` alternating runs."""
     from transformers import AutoConfig, AutoTokenizer
 
     results = []
+    env = side_env(a.omp_wait_policy)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for workload in a.workloads.split(","):
@@ -183,33 +190,67 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
             data = root / f"{workload}.json"
             data.write_text(json.dumps({"rows": rows}))
             fpt = train_flops_per_token(AutoConfig.from_pretrained(mdir), sum(lens) / len(lens))
-            peak = matmul_peak(torch.bfloat16)
             common = ["_side", "--data", str(data), "--model-dir", mdir, "--steps",
                       str(a.steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
                       "--lr", str(a.lr), "--seed", str(a.seed), "--max-length", str(a.max_length)]
-            for side in a.sides.split(","):
-                r = run_side([*common, "--side", side])
-                r.update(workload=workload, peak_flops=peak, flops_per_token=fpt,
-                         mfu=r["tokens_per_s"] * fpt / peak, min_len=min(lens),
-                         max_len=max(lens), mean_len=sum(lens) / len(lens))
-                results.append(r)
-                print(f"  {workload:8s} {side:9s} {r['tokens_per_s']:9.1f} tok/s  "
-                      f"MFU {100 * r['mfu']:.1f}%  steps {r['step_times']}", file=sys.stderr)
+            runs: dict[str, list[dict]] = {side: [] for side in a.sides.split(",")}
+            peaks = []
+            for rnd in range(a.rounds):
+                peaks.append(matmul_peak(torch.bfloat16))
+                for side in runs:
+                    load = os.getloadavg()[0]
+                    r = run_side([*common, "--side", side], env=env)
+                    r.update(load_before=load, load_after=os.getloadavg()[0])
+                    runs[side].append(r)
+                    print(f"  round {rnd} {workload:8s} {side:9s} {r['tokens_per_s']:9.1f} "
+                          f"tok/s  load {load:.1f}->{r['load_after']:.1f}  "
+                          f"steps {r['step_times']}", file=sys.stderr, flush=True)
+            peak = statistics.median(peaks)
+            for side, rs in runs.items():
+                trl = runs.get("trl")
+                ratios = ([x["tokens_per_s"] / t["tokens_per_s"] for x, t in zip(rs, trl,
+                                                                                  strict=True)]
+                          if trl else [])
+                tps = statistics.median(x["tokens_per_s"] for x in rs)
+                results.append({
+                    "workload": workload, "side": side, "tokens_per_s": tps,
+                    "s_per_step": statistics.median(x["s_per_step"] for x in rs),
+                    "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+                    "ratio_vs_trl": statistics.median(ratios) if ratios else None,
+                    "round_ratios": ratios, "rounds": rs, "peak_flops": peak,
+                    "flops_per_token": fpt, "mfu": tps * fpt / peak, "min_len": min(lens),
+                    "max_len": max(lens), "mean_len": sum(lens) / len(lens),
+                    "load": [round(x["load_before"], 1) for x in rs],
+                })
     return results
+
+
+def side_env(policy: str) -> dict[str, str]:
+    """The threading environment both sides run under.
+
+    libgomp's default wait policy spins idle OpenMP threads; on a machine whose cores are
+    busy with other jobs a spinning thread steals the core its partner needs, and every
+    parallel op then waits for a preempted thread: a 1600x1536 elementwise op measured 32 ms
+    with two spinning threads vs 1 ms with ``OMP_WAIT_POLICY=PASSIVE`` (load ~8 on 2 cores).
+    """
+    env = dict(os.environ)
+    if policy != "default":
+        env["OMP_WAIT_POLICY"] = policy.upper()
+    return env
 
 
 def table(results: list[dict]) -> str:
     rows = []
     for r in results:
-        trl = next((x for x in results if x["workload"] == r["workload"] and x["side"] == "trl"),
-                   None)
-        ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
+        ratio = f"{r['ratio_vs_trl']:.2f}x" if r["side"] != "trl" and r["ratio_vs_trl"] else "-"
+        per = ", ".join(f"{x:.2f}" for x in r["round_ratios"]) if r["side"] != "trl" else ""
         rows.append([r["workload"], r["side"], f"{r['tokens_per_s']:.0f}",
-                     f"{r['s_per_step']:.2f}", ratio, f"{r['peak_rss_mb']:.0f}",
+                     f"{r['s_per_step']:.2f}", ratio, per, f"{r['peak_rss_mb']:.0f}",
                      f"{100 * r['mfu']:.1f}%", f"{r['peak_flops'] / 1e9:.0f}",
-                     f"{r['min_len']}-{r['max_len']} (mean {r['mean_len']:.0f})"])
-    return format_table(["workload", "side", "tokens/s", "s/step", "vs TRL", "peak RSS MiB",
-                         "MFU", "bf16 peak GFLOP/s", "seq len"], rows)
+                     f"{r['min_len']}-{r['max_len']} (mean {r['mean_len']:.0f})",
+                     " ".join(map(str, r["load"]))])
+    return format_table(["workload", "side", "tokens/s", "s/step", "vs TRL", "per round",
+                         "peak RSS MiB", "MFU", "bf16 peak GFLOP/s", "seq len", "load"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the sides this many times; medians are reported")
+    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
+                   help="OMP_WAIT_POLICY for both sides; default = leave libgomp's spin-then-sleep")
     p.add_argument("--json", help="also write the results here")
     # internal (one side in a subprocess)
     p.add_argument("--side")
@@ -234,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = bench_sft(a)
     print(f"\nSFT: posttrain vs TRL, batch {a.batch_size} sequences, {a.steps} steps "
-          f"({a.warmup} warm-up), bf16 autocast, torch threads {torch.get_num_threads()}\n")
+          f"({a.warmup} warm-up), {a.rounds} rounds, bf16 autocast, torch threads "
+          f"{torch.get_num_threads()}, OMP_WAIT_POLICY {a.omp_wait_policy}\n")
     print(table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))

@@ -32,8 +32,12 @@ def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
     ``batch`` follows ``posttrain.data.batching``: ``input_ids`` (B, T), ``position_ids``
     (B, T), optional ``attention_mask`` (B, T) (absent for packed rows, which carry
     ``cu_seq_lens`` for varlen attention instead), ``labels`` (B, T)
-    already shifted (-100 = no target). Returns ``logits`` (N, V) and ``targets`` (N,) for the
-    N positions with a label, in row-major order.
+    already shifted (-100 = no target). Returns fp32 ``logits`` (N, V) and ``targets`` (N,)
+    for the N positions with a label, in row-major order.
+
+    The logits are cast to fp32 here (under bf16 autocast the head emits bf16): every loss
+    takes its log-softmax in fp32 anyway, and metrics such as argmax then run on fp32 too
+    (a bf16 argmax over (N, 49k) on CPU costs ~3x the fp32 one).
     """
     labels = batch["labels"]
     keep = labels != -100  # (B, T)
@@ -49,4 +53,4 @@ def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
         logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
     else:
         logits = model(**kwargs).logits[keep]  # (N, V)
-    return logits, labels[keep]
+    return logits.float(), labels[keep]
