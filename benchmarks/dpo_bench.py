@@ -86,7 +86,10 @@ def make_pref_rows(tokenizer: Any, n: int, seed: int) -> list[dict]:
     words = lambda tokens: max(2, round(tokens / per_word))  # noqa: E731
     rows = []
     for _ in range(n):
-        prompt = random_words(rng, words(rng.randint(*PROMPT_TOKENS) - overhead))
+        target = rng.randint(*PROMPT_TOKENS)
+        prompt = random_words(rng, words(target - overhead))
+        while len(render_prompt(tokenizer, [{"role": "user", "content": prompt}])) < target:
+            prompt += " " + random_words(rng, 1)  # tokens-per-word is only an average
         rows.append({
             "prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant",
@@ -123,6 +126,8 @@ class Clock:
                 "pairs_per_s_mean": pairs * len(tw) / sum(tw),
                 "s_per_step": statistics.median(tw),
                 "cpu_s_per_pair": statistics.median(tc) / pairs,
+                # the least disturbed step: a floor that other jobs cannot lower
+                "pairs_per_s_best": pairs / min(tw), "cpu_s_per_pair_best": min(tc) / pairs,
                 "step_times": [round(t, 2) for t in wall], "step_cpu": [round(t, 2) for t in cpu]}
 
 
@@ -280,6 +285,7 @@ def bench(a: argparse.Namespace) -> list[dict]:
                                a.threads)
                     tps = r["tokens_per_step"] / r["s_per_step"]
                     r.update(workload=workload, round=rnd, peak_flops=peak, load=load,
+                             batch=a.batch_size, warmup=a.warmup,
                              mfu=tps * fpt / peak, seq_len=(min(lens), max(lens)),
                              prompt_len=(min(prompt), max(prompt)))
                     results.append(r)
@@ -291,32 +297,49 @@ def bench(a: argparse.Namespace) -> list[dict]:
     return results
 
 
-def table(results: list[dict]) -> str:
-    """Per (workload, side): the median over runs of each run's pairs/s (pairs / median step
-    time); ratios vs TRL's."""
-    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-    rows = []
-    workloads = list(dict.fromkeys(r["workload"] for r in results))
-    for w in workloads:
+def _best(r: dict, key: str) -> float:
+    """``pairs_per_s_best`` / ``cpu_s_per_pair_best``, also for results saved before these
+    keys existed (recomputed from the step times)."""
+    if key in r:
+        return r[key]
+    steps = r["step_times" if key == "pairs_per_s_best" else "step_cpu"][r.get("warmup", 1):]
+    return r["batch"] / min(steps) if key == "pairs_per_s_best" else min(steps) / r["batch"]
+
+
+def tables(results: list[dict]) -> str:
+    """Speed: per (workload, side) the median over runs of each run's pairs/s (pairs / its
+    median step time), of its best step, and of its CPU seconds per pair; ratios vs TRL's.
+    Then tokens, reference precompute, memory and MFU (medians over runs)."""
+    med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
+    speed, work = [], []
+    for w in dict.fromkeys(r["workload"] for r in results):
         sides = list(dict.fromkeys(r["side"] for r in results if r["workload"] == w))
         by = {s: [r for r in results if r["workload"] == w and r["side"] == s] for s in sides}
-        trl = med(by["trl"], "pairs_per_s") if "trl" in by else None
-        trl_cpu = med(by["trl"], "cpu_s_per_pair") if "trl" in by else None
+        stats = {s: (med(rs, lambda r: r["pairs_per_s"]),
+                     med(rs, lambda r: _best(r, "pairs_per_s_best")),
+                     med(rs, lambda r: r["cpu_s_per_pair"]),
+                     med(rs, lambda r: _best(r, "cpu_s_per_pair_best"))) for s, rs in by.items()}
+        trl = stats.get("trl")
+        vs = lambda x, i, inv=False, trl=trl: (  # noqa: E731
+            f" ({(trl[i] / x if inv else x / trl[i]):.2f}x)" if trl else "")
         for s, rs in by.items():
-            pps, cpu = med(rs, "pairs_per_s"), med(rs, "cpu_s_per_pair")
-            rows.append([
-                w, s, len(rs), f"{pps:.2f}", " / ".join(f"{r['pairs_per_s']:.2f}" for r in rs),
-                f"{pps / trl:.2f}x" if trl else "-", f"{med(rs, 'pairs_per_s_mean'):.2f}",
-                f"{cpu:.2f}", f"{trl_cpu / cpu:.2f}x" if trl else "-",
-                f"{med(rs, 's_per_step'):.2f}",
-                f"{med(rs, 'tokens_per_step'):.0f}", f"{med(rs, 'ref_precompute_s'):.1f}",
-                f"{med(rs, 'peak_rss_mb'):.0f}", f"{100 * med(rs, 'mfu'):.1f}%",
-                f"{med(rs, 'peak_flops') / 1e9:.0f}",
-            ])
-    return format_table(["workload", "side", "runs", "pairs/s", "pairs/s per run", "vs TRL",
-                         "pairs/s (mean-based)", "CPU s/pair", "vs TRL (CPU)", "s/step",
-                         "tokens/step", "ref precompute s", "peak RSS MiB", "MFU",
-                         "bf16 peak GFLOP/s"], rows)
+            pps, best, cpu, cpu_best = stats[s]
+            speed.append([w, s, len(rs),
+                          " / ".join(f"{r['pairs_per_s']:.2f}" for r in rs),
+                          f"{pps:.2f}{vs(pps, 0)}", f"{best:.2f}{vs(best, 1)}",
+                          f"{cpu:.2f}{vs(cpu, 2, True)}", f"{cpu_best:.2f}{vs(cpu_best, 3, True)}"])
+            work.append([w, s, f"{med(rs, lambda r: r['tokens_per_step']):.0f}",
+                         f"{100 * med(rs, lambda r: r['prefix_saved_frac']):.0f}%",
+                         f"{med(rs, lambda r: r['ref_precompute_s']):.1f}",
+                         f"{med(rs, lambda r: r['peak_rss_mb']):.0f}",
+                         f"{100 * med(rs, lambda r: r['mfu']):.1f}%",
+                         f"{med(rs, lambda r: r['peak_flops']) / 1e9:.0f}"])
+    return "\n\n".join([
+        format_table(["workload", "side", "runs", "pairs/s per run", "pairs/s (vs TRL)",
+                      "best-step pairs/s (vs TRL)", "CPU s/pair (TRL / this)",
+                      "best-step CPU s/pair (TRL / this)"], speed),
+        format_table(["workload", "side", "tokens/step", "prefix saved", "ref precompute s",
+                      "peak RSS MiB", "MFU", "bf16 peak GFLOP/s"], work)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,12 +356,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per side; 0 = default")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--from-json", help="only print the tables of saved results (comma list)")
     p.add_argument("--side")
     p.add_argument("--data")
     p.add_argument("--model-dir")
     a = p.parse_args(argv)
     if a.bench == "_side":
         run_one_side(a)
+        return
+    if a.from_json:
+        results = [r for f in a.from_json.split(",") for r in json.loads(Path(f).read_text())]
+        print(tables(results))
         return
     results = bench(a)
     print(f"\nDPO: posttrain vs TRL DPOTrainer, {a.batch_size} pairs/step, {a.steps} steps "
@@ -351,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{w}: prompts {rs[0]['prompt_len']} tokens, sequences {rs[0]['seq_len']} tokens, "
               f"1-min load average at the start of each round: {loads}")
     print()
-    print(table(results))
+    print(tables(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 
