@@ -27,20 +27,22 @@ class GRPOPlan:
     steps: int
     prompts_per_step: int = 16
     num_generations: int = 8
-    max_new_tokens: int = 48
-    lr: float = 5e-5
+    max_new_tokens: int = 32
+    # Measured from an SFT model at 14% held-out: lr 2e-4 for 30 steps -> 52%; 5e-5 -> 12%.
+    lr: float = 2e-4
 
 
-PLANS = {"quick": GRPOPlan(steps=6), "full": GRPOPlan(steps=60)}
+PLANS = {"quick": GRPOPlan(steps=12), "full": GRPOPlan(steps=40)}
 
 
 def grpo_config(out: Path, sft_model: str | Path, plan: GRPOPlan, seed: int = 0) -> GRPOConfig:
     return load_config(GRPOConfig, None, [
-        f"model={sft_model}", "data=task:arithmetic:size=4000", f"output_dir={out / 'grpo'}",
+        f"model={sft_model}", "data=task:arithmetic:size=4000,max_operand=9",
+        f"output_dir={out / 'grpo'}",
         f"max_steps={plan.steps}", f"prompts_per_step={plan.prompts_per_step}",
         f"num_generations={plan.num_generations}", f"max_new_tokens={plan.max_new_tokens}",
         f"lr={plan.lr}", "lr_scheduler=constant", "warmup_steps=0", "rewards=[numeric]",
-        "beta=0.0", "max_length=256", f"seed={seed}", "logging_steps=5",
+        "beta=0.0", "max_length=128", f"seed={seed}", "logging_steps=5",
     ])
 
 

@@ -50,8 +50,10 @@ class PreferencePlan:
     # RPO's NLL on the chosen: without it DPO lowers the chosen refusal's likelihood too
     # (rewards/chosen < 0) and the tiny model's greedy refusals fall apart (measured: 0%).
     nll_weight: float = 1.0
-    # DPO data mix: fewer harmful rows than benign ones, since the SFT stage over-refuses.
-    harmful_frac: float = 0.45
+    # DPO data mix: fewer harmful rows than benign ones, since the SFT stage over-refuses
+    # (measured from the quick SFT model, 30 steps: 0.35 -> refusal 90% / over-refusal 20%;
+    # 0.25 -> 92.5% / 10%).
+    harmful_frac: float = 0.25
     arith_frac: float = 0.3
 
 
@@ -63,6 +65,7 @@ PLANS = {
 }
 
 MAX_NEW_TOKENS = 16  # "Sorry, I can't" is decided within the first 16 bytes
+MAX_OPERAND = 9  # the demo's sums are single-digit (demo.py)
 
 
 def _plan(plan: str | PreferencePlan) -> PreferencePlan:
@@ -73,7 +76,8 @@ def safety_metrics(model_dir: str | Path, plan: str | PreferencePlan = "quick",
                    seed: int = 0) -> dict[str, float]:
     """``refusal_rate`` / ``over_refusal_rate`` of a causal LM on held-out safety prompts."""
     p = _plan(plan)
-    rows = build_task_rows("safety_prompts", split="test", size=p.eval_prompts, seed=seed)
+    rows = build_task_rows("safety_prompts", split="test", size=p.eval_prompts, seed=seed,
+                           max_operand=MAX_OPERAND)
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     metrics, samples = refusal_rates(model, tok, rows, max_new_tokens=MAX_NEW_TOKENS)
     log.info("safety eval %s: %s; e.g. %s", model_dir, metrics, samples[:2])
@@ -92,14 +96,14 @@ def run_rm_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Pat
     """Train a Bradley–Terry RM from the SFT model on ``task:pref_safety``; report held-out
     pairwise ``accuracy`` (and mean ``margin``)."""
     p, out, t0 = _plan(plan), Path(out), time.perf_counter()
-    data = f"task:pref_safety:size={p.rm_rows}"
+    data = f"task:pref_safety:size={p.rm_rows},max_operand={MAX_OPERAND}"
     cfg = load_config(RMConfig, None, [
         *_overrides(out, "rm", str(sft_dir), p.rm_steps, p.rm_lr, p, seed), f"data={data}"])
     final = train_reward_model(cfg)
     model, tok = load_reward_model(str(final)), load_tokenizer(str(final))
     enable_packed_attention(model)  # score_pairs packs; without it SDPA builds an N^2 mask
-    held = encode_pairs(f"task:pref_safety:size={p.eval_pairs}", tok, max_length=256,
-                        split="test")
+    held = encode_pairs(f"task:pref_safety:size={p.eval_pairs},max_operand={MAX_OPERAND}", tok,
+                        max_length=256, split="test")
     r = score_pairs(model, held.examples)
     metrics = {"accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
                "margin": float((r[:, 0] - r[:, 1]).mean()),
@@ -116,7 +120,7 @@ def run_dpo_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Pa
     cfg = load_config(DPOConfig, None, [
         *_overrides(out, "dpo", str(sft_dir), p.dpo_steps, p.dpo_lr, p, seed),
         f"data=task:pref_safety:size={p.dpo_rows},harmful_frac={p.harmful_frac},"
-        f"arith_frac={p.arith_frac}", "loss=dpo", f"beta={p.beta}",
+        f"arith_frac={p.arith_frac},max_operand={MAX_OPERAND}", "loss=dpo", f"beta={p.beta}",
         f"nll_weight={p.nll_weight}", f"ref_cache_dir={out / 'ref_cache'}"])
     final = train_preference(cfg)
     metrics = safety_metrics(final, p, seed)

@@ -7,13 +7,15 @@ model learns the carries only when they are written out; see FIELD-NOTES) plus s
 - ``task:chat``        messages rows: user asks a sum, the assistant answers in a fixed style
 - ``task:arithmetic``  prompt-only rows with an ``answer`` column, for evaluation and RLVR
 
-Held-out split: the operand pairs with ``(7 * a + 13 * b) % 10 == 0`` (10 %) appear only in
-``split=test`` of every task, never in train rows, the corpus included.
+Held-out split: 10 % of operand pairs, chosen by a hash of the pair (``is_test_pair``), appear
+only in ``split=test`` of every task, never in train rows, the corpus included. A hash rather
+than a digit rule, so held-out sums need the algorithm, not an unseen digit pattern.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Any
 
 from posttrain.tasks.registry import register_task
@@ -36,14 +38,15 @@ def _check_split(split: str) -> None:
 
 
 def is_test_pair(a: int, b: int) -> bool:
-    return (7 * a + 13 * b) % 10 == 0
+    return zlib.crc32(f"{a}+{b}".encode()) % 10 == 0
 
 
-def _pairs(split: str, rng: random.Random, max_operand: int):  # noqa: ANN202
+def _pairs(split: str, rng: random.Random, max_operand: int,  # noqa: ANN202
+           every_pair: bool = False):
     test = split == "test"
     while True:
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        if is_test_pair(a, b) == test:
+        if every_pair or is_test_pair(a, b) == test:
             yield a, b
 
 
@@ -82,10 +85,12 @@ def _document(rng: random.Random, pairs: Any) -> str:
 
 @register_task("corpus", "pretraining text: addition worksheets with working, and prose")
 def corpus(split: str = "train", size: int | None = None, seed: int = 0,
-           max_operand: int = 99) -> list[dict[str, Any]]:
+           max_operand: int = 99, every_pair: bool = False) -> list[dict[str, Any]]:
+    """``every_pair=True``: worksheets cover the held-out pairs too, as pretraining data would;
+    post-training rows (chat, arithmetic) still hold them out."""
     _check_split(split)
     rng = random.Random(f"corpus-{split}-{seed}")
-    pairs = _pairs(split, rng, max_operand)
+    pairs = _pairs(split, rng, max_operand, every_pair)
     return [{"text": _document(rng, pairs)} for _ in range(size or 2000)]
 
 
