@@ -483,7 +483,7 @@ def sequence_kl(policy: nn.Module, ref: nn.Module | None, ro: Rollouts,
         logp = torch.log_softmax(completion_logits(policy, mb), -1)  # (M, V)
         with _reference_ctx(policy, ref) as r:
             ref_logp = torch.log_softmax(completion_logits(r, mb), -1)
-        tok_kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # (M,)
+        tok_kl = (logp.exp() * (logp - ref_logp)).sum(-1).clamp_min(0.0)  # (M,) rounding
         per = torch.zeros(mb["mask"].shape).masked_scatter(mb["mask"].cpu(), tok_kl.cpu())
         out.append(per.sum(-1))
     return torch.cat(out)
