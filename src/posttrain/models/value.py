@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from posttrain.config import LoraConfig
 from posttrain.errors import ConfigError
 from posttrain.models.attention import packed_kwargs
+from posttrain.models.io import _tiny_size
 from posttrain.models.lora import is_adapter_dir, save_pretrained_for_run
+from posttrain.models.resolve import resolve_spec
 from posttrain.models.reward import load_reward_model
 from posttrain.rollout.scoring import enable_prefix_attention
 
@@ -91,6 +93,8 @@ def load_value_model(spec: str, tokenizer: Any, *, lora: LoraConfig | None = Non
     """A value model from ``spec`` (a saved reward/value model, or a causal LM whose body gets
     a fresh head), on the policy's ``tokenizer``; with LoRA (``lora.r > 0``) the body is
     frozen and gets adapters while the head trains in full; ``adapter_dir`` resumes them."""
+    # GGUF / pkg: policies -> their converted HF directory (tiny specs build in code).
+    spec = spec if _tiny_size(spec) else resolve_spec(spec)
     model = load_reward_model(spec, trust_remote_code=trust_remote_code, seed=seed)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
