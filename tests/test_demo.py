@@ -14,7 +14,7 @@ def test_quick_demo_format_compliance(tmp_path):
     run_demo(tmp_path, quick=True)
     report = json.loads((tmp_path / "report.json").read_text())
     stages = {s["name"]: s["metrics"] for s in report["stages"]}
-    assert list(stages) == ["base", "sft", "rm", "dpo", "grpo"]
+    assert list(stages) == ["base", "sft", "rm", "dpo", "ppo", "grpo"]
     assert stages["dpo"]["refusal_rate"] >= 0.9
     assert stages["dpo"]["over_refusal_rate"] <= 0.1
     assert stages["rm"]["accuracy"] >= 0.9
@@ -22,5 +22,8 @@ def test_quick_demo_format_compliance(tmp_path):
     assert stages["sft"]["format_rate"] >= 0.95
     for name in ("base", "sft", "grpo"):
         assert 0.0 <= stages[name]["accuracy"] <= 1.0
+    assert stages["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)
+    for name in ("sft", "dpo", "ppo"):
+        assert {"rm_score", "kl_to_sft"} <= set(stages[name])
     assert (tmp_path / "report.md").read_text().startswith("# posttrain demo")
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
