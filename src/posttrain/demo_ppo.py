@@ -48,9 +48,12 @@ class PPOPlan:
     value_lr: float = 1e-3
     beta: float = 0.05
     precision: str = "bf16"
+    kind: str = "both"  # task:safety_prompts kind of the training prompts
+    # The tiny SFT model's T=1 samples are mostly garbled text, which the RM cannot judge.
+    temperature: float = 0.7
 
 
-PLANS = {"quick": PPOPlan(steps=6, eval_prompts=32), "full": PPOPlan(steps=40, eval_prompts=120)}
+PLANS = {"quick": PPOPlan(steps=6, eval_prompts=32), "full": PPOPlan(steps=24, eval_prompts=100)}
 
 
 def _plan(plan: str | PPOPlan) -> PPOPlan:
@@ -62,11 +65,13 @@ def ppo_config(out: Path, sft_dir: str | Path, rm_dir: str | Path, plan: PPOPlan
     p = plan
     return load_config(PPOConfig, None, [
         f"model={sft_dir}", f"reward_model={rm_dir}", "value_model=reward_model",
-        f"data=task:safety_prompts:split=train,size={p.steps * p.prompts_per_step}",
+        f"data=task:safety_prompts:split=train,kind={p.kind},"
+        f"size={p.steps * p.prompts_per_step}",
         f"output_dir={out / name}", f"max_steps={p.steps}",
         f"prompts_per_step={p.prompts_per_step}", f"mini_batch_size={p.mini_batch_size}",
         f"batch_size={p.prompts_per_step}",
         f"ppo_epochs={p.ppo_epochs}", f"max_new_tokens={p.max_new_tokens}", f"lr={p.lr}",
+        f"temperature={p.temperature}",
         f"value_lr={p.value_lr}", f"beta={p.beta if beta is None else beta}",
         "lr_scheduler=constant", "warmup_steps=0", "max_length=256", f"seed={seed}",
         "logging_steps=1", f"precision={p.precision}"])

@@ -312,7 +312,7 @@ class PPOTrainer:
     # -- experience --------------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, dict[str, float]]:
         cfg, t0 = self.cfg, time.perf_counter()
-        rows = self.stream.next()
+        rows = self.next_rows(cfg.prompts_per_step)
         seed = (cfg.seed * 1_000_003 + self.ppo_step * 101) % 2**62
         ro = self.generator.generate([r["_ids"] for r in rows], cfg.num_generations,
                                      SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
@@ -334,6 +334,14 @@ class PPOTrainer:
         stats.update({"time/generate_s": t1 - t0, "time/reward_s": t2 - t1,
                       "time/logprobs_s": time.perf_counter() - t2, **ro.stats})
         return Rollout(ro, scores, mask, old_logp, ref_logp, old_values, kl, adv, returns), stats
+
+    def next_rows(self, n: int) -> list[dict[str, Any]]:
+        """Exactly ``n`` prompts (an epoch's short tail is topped up from the next epoch), so
+        every step has the same number of minibatches."""
+        rows: list[dict[str, Any]] = []
+        while len(rows) < n:
+            rows += self.stream.next()[: n - len(rows)]
+        return rows
 
     def experience_stats(self, ro: Rollouts, scores: Tensor, kl: Tensor, adv: Tensor,
                          returns: Tensor, values: Tensor, mask: Tensor,
