@@ -46,16 +46,19 @@ class DemoPlan:
     batch_size: int = 8
     sft_batch_size: int = 16
     pretrain_lr: float = 3e-3
+    max_operand: int = 9
 
 
-# Sums of single digits: a 1.6M-parameter model learns them in a CPU minute. Worksheets in
-# the corpus cover every pair (pretraining "knows" the facts); chat and RL prompts hold out
-# 10% of pairs, so held-out accuracy measures what post-training elicits, not memory.
+# Full plan: sums of single digits, which a 1.6M-parameter model learns from ~500 small
+# steps. Worksheets in the corpus cover every pair (pretraining "knows" the facts); chat and
+# RL prompts hold out 10% of pairs, so held-out accuracy measures what post-training elicits.
+# The quick plan keeps session 1's measured budgets (two-digit sums, 32-row batches): its
+# safety stages pass their thresholds there; 500 small steps do not fit in 2 minutes.
 MAX_OPERAND = 9
 
 PLANS = {
-    "quick": DemoPlan(pretrain_docs=6000, pretrain_steps=500, sft_rows=2000, sft_steps=80,
-                      eval_prompts=60),
+    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=2000, sft_steps=60,
+                      eval_prompts=60, batch_size=32, sft_batch_size=32, max_operand=99),
     "full": DemoPlan(pretrain_docs=12000, pretrain_steps=900, sft_rows=3000, sft_steps=200,
                      eval_prompts=200),
 }
@@ -101,13 +104,15 @@ def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int
     out.mkdir(parents=True)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    ops = plan.max_operand
     held_out = build_task_rows("arithmetic", split="test", size=plan.eval_prompts, seed=seed,
-                               max_operand=MAX_OPERAND)
-    corpus = f"task:corpus:size={plan.pretrain_docs},max_operand={MAX_OPERAND},every_pair=true"
+                               max_operand=ops)
+    corpus = (f"task:corpus:size={plan.pretrain_docs},max_operand={ops},"
+              f"every_pair={ops == MAX_OPERAND}")
     base = train_stage("base", out, "tiny:tiny", corpus, plan.pretrain_steps, plan.pretrain_lr,
                         plan.batch_size, seed)
     sft = train_stage("sft", out, str(base),
-                       f"task:chat_safety:size={plan.sft_rows},max_operand={MAX_OPERAND}",
+                       f"task:chat_safety:size={plan.sft_rows},max_operand={ops}",
                        plan.sft_steps, 2e-3, plan.sft_batch_size, seed)
     stages, samples = [], {}
     for name, path in (("base", base), ("sft", sft)):

@@ -55,18 +55,19 @@ class PreferencePlan:
     # over-refusal 20%, 0.25 -> 92.5% / 10%, 0.2 -> 62.5% / 2.5%; 40 steps: 0.3 -> 95% / 7.5%,
     # on 160 prompts 96% / 17.5%: the 80-prompt estimate is noisy).
     harmful_frac: float = 0.3
+    max_operand: int = 9
     arith_frac: float = 0.3
 
 
 PLANS = {
-    "quick": PreferencePlan(rm_rows=320, rm_steps=15, dpo_rows=480, dpo_steps=40,
-                            eval_prompts=80, eval_pairs=200),
+    # quick: session 1's measured budgets (two-digit sums; refusal 95% / over-refusal 0%).
+    "quick": PreferencePlan(rm_rows=320, rm_steps=15, dpo_rows=480, dpo_steps=30,
+                            eval_prompts=80, eval_pairs=200, harmful_frac=0.45, max_operand=99),
     "full": PreferencePlan(rm_rows=1600, rm_steps=60, dpo_rows=3840, dpo_steps=120,
                            eval_prompts=300, eval_pairs=600, batch_size=32),
 }
 
 MAX_NEW_TOKENS = 16  # "Sorry, I can't" is decided within the first 16 bytes
-MAX_OPERAND = 9  # the demo's sums are single-digit (demo.py)
 
 
 def _plan(plan: str | PreferencePlan) -> PreferencePlan:
@@ -78,7 +79,7 @@ def safety_metrics(model_dir: str | Path, plan: str | PreferencePlan = "quick",
     """``refusal_rate`` / ``over_refusal_rate`` of a causal LM on held-out safety prompts."""
     p = _plan(plan)
     rows = build_task_rows("safety_prompts", split="test", size=p.eval_prompts, seed=seed,
-                           max_operand=MAX_OPERAND)
+                           max_operand=p.max_operand)
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     metrics, samples = refusal_rates(model, tok, rows, max_new_tokens=MAX_NEW_TOKENS)
     log.info("safety eval %s: %s; e.g. %s", model_dir, metrics, samples[:2])
@@ -97,13 +98,13 @@ def run_rm_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Pat
     """Train a Bradley–Terry RM from the SFT model on ``task:pref_safety``; report held-out
     pairwise ``accuracy`` (and mean ``margin``)."""
     p, out, t0 = _plan(plan), Path(out), time.perf_counter()
-    data = f"task:pref_safety:size={p.rm_rows},max_operand={MAX_OPERAND}"
+    data = f"task:pref_safety:size={p.rm_rows},max_operand={p.max_operand}"
     cfg = load_config(RMConfig, None, [
         *_overrides(out, "rm", str(sft_dir), p.rm_steps, p.rm_lr, p, seed), f"data={data}"])
     final = train_reward_model(cfg)
     model, tok = load_reward_model(str(final)), load_tokenizer(str(final))
     enable_packed_attention(model)  # score_pairs packs; without it SDPA builds an N^2 mask
-    held = encode_pairs(f"task:pref_safety:size={p.eval_pairs},max_operand={MAX_OPERAND}", tok,
+    held = encode_pairs(f"task:pref_safety:size={p.eval_pairs},max_operand={p.max_operand}", tok,
                         max_length=256, split="test")
     r = score_pairs(model, held.examples)
     metrics = {"accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
@@ -121,7 +122,7 @@ def run_dpo_stage(out: str | Path, plan: str | PreferencePlan, sft_dir: str | Pa
     cfg = load_config(DPOConfig, None, [
         *_overrides(out, "dpo", str(sft_dir), p.dpo_steps, p.dpo_lr, p, seed),
         f"data=task:pref_safety:size={p.dpo_rows},harmful_frac={p.harmful_frac},"
-        f"arith_frac={p.arith_frac},max_operand={MAX_OPERAND}", "loss=dpo", f"beta={p.beta}",
+        f"arith_frac={p.arith_frac},max_operand={p.max_operand}", "loss=dpo", f"beta={p.beta}",
         f"nll_weight={p.nll_weight}", f"ref_cache_dir={out / 'ref_cache'}"])
     final = train_preference(cfg)
     metrics = safety_metrics(final, p, seed)
