@@ -71,8 +71,8 @@ def _rows(run: Path) -> list[dict]:
 def _cfg(tmp_path: Path, name: str, rm: Path, *extra: str) -> PPOConfig:
     return load_config(PPOConfig, None, [
         "model=tiny:nano", "data=task:arithmetic:size=400", "eval_data=task:arithmetic:size=32",
-        f"output_dir={tmp_path / name}", "max_steps=16", "prompts_per_step=16",
-        "mini_batch_size=8", "max_new_tokens=8", "lr=1e-2", "value_lr=3e-3",
+        f"output_dir={tmp_path / name}", "max_steps=20", "prompts_per_step=16",
+        "mini_batch_size=8", "max_new_tokens=8", "lr=5e-3", "value_lr=3e-3",
         f"reward_model={rm}", "missing_eos_penalty=0", "precision=fp32", *extra])
 
 
@@ -83,26 +83,35 @@ def test_ppo_raises_rm_score_and_the_kl_leash_limits_drift(tmp_path, rm_dir):
     start = evaluate_policy(load_model("tiny:nano"), load_model("tiny:nano"), tok, held,
                             build_rewards(base), max_new_tokens=8)
     assert start["kl"] == pytest.approx(0.0, abs=1e-5)
-    train_ppo(_cfg(tmp_path, "free", rm_dir, "beta=0.0"))
-    train_ppo(_cfg(tmp_path, "leash", rm_dir, "beta=0.1"))
-    free, leash = _rows(tmp_path / "free")[-1], _rows(tmp_path / "leash")[-1]
-    # Greedy held-out RM score: about -2.6 at the start, > 0.5 after 16 steps (both runs).
+    runs = {}
+    for name, beta in (("free", 0.0), ("moderate", 0.05), ("strong", 0.2)):
+        train_ppo(_cfg(tmp_path, name, rm_dir, f"beta={beta}"))
+        runs[name] = [r for r in _rows(tmp_path / name) if "objective/kl" in r]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    drift = {name: mean(rows[-4:], "objective/kl") for name, rows in runs.items()}
+    free, moderate, strong = (runs[n][-1] for n in ("free", "moderate", "strong"))
+    # Greedy held-out RM score: about -2.6 at the start, 1.0-1.5 after 20 steps with beta = 0
+    # or 0.05 (measured over 3 seeds); the sampled training score climbs too (-2.7 -> ~1).
     assert free["eval/score"] > start["score"] + 1.5, (start, free)
-    assert leash["eval/score"] > start["score"] + 1.5, (start, leash)
-    # The leash: KL(policy || ref) on held-out samples stays under 20 nats with beta = 0.1;
-    # without it the policy drifts much further (measured: ~30 vs ~5-20).
-    assert leash["eval/kl"] < 20.0, leash
-    assert free["eval/kl"] > 1.4 * leash["eval/kl"], (free["eval/kl"], leash["eval/kl"])
+    assert moderate["eval/score"] > start["score"] + 1.5, (start, moderate)
+    assert mean(runs["free"][-4:], "objective/score") > \
+        mean(runs["free"][:4], "objective/score") + 2
+    # The leash: KL drift falls as beta grows (last-4-step mean KL, measured over 3 seeds:
+    # beta 0: 28-32 nats, 0.05: 7-27, 0.2: 1.6-1.7), and with beta = 0.2 the held-out
+    # KL(policy || ref) stays under 5 nats (measured 1.3-2.4; beta = 0: 30-35).
+    assert drift["strong"] < drift["moderate"] < drift["free"], drift
+    assert drift["strong"] < drift["free"] / 5, drift
+    assert strong["eval/kl"] < 5.0 < free["eval/kl"], (strong["eval/kl"], free["eval/kl"])
     for key in ("ppo/approx_kl", "ppo/clipfrac", "ppo/value_clipfrac", "ppo/explained_variance",
                 "ppo/entropy", "objective/kl", "objective/score", "objective/rlhf_reward",
                 "objective/beta", "returns/mean", "advantages/std", "completions/mean_length",
                 "time/generate_s", "time/reward_s", "time/logprobs_s", "time/train_s",
                 "reward/rm/mean", "train/value_grad_norm"):
-        assert key in leash, key
-    first = next(r for r in _rows(tmp_path / "leash") if "objective/kl" in r)
+        assert key in moderate, key
+    first = runs["moderate"][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
     assert first["objective/rlhf_reward"] == pytest.approx(first["objective/score"], abs=1e-5)
-    final = tmp_path / "leash" / "final"
+    final = tmp_path / "moderate" / "final"
     assert (final / "model.safetensors").exists()
     assert (final / VALUE_DIR / "model.safetensors").exists()
 
