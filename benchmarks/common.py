@@ -104,6 +104,23 @@ def run_side(args: list[str], timeout: float = 3600, env: dict[str, str] | None 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def reexec_with_omp_policy(policy: str, module: str) -> None:
+    """Restart this process (``python -m module``, same arguments) with ``OMP_WAIT_POLICY``
+    set, unless it already is (libgomp reads it once, when torch loads). ``default`` leaves
+    the environment alone. Why: see ``benchmarks.run.side_env``."""
+    if policy == "default" or os.environ.get("OMP_WAIT_POLICY", "").lower() == policy:
+        return
+    env = {**os.environ, "OMP_WAIT_POLICY": policy.upper()}
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
+
+def median_ratio(ours: list[float], peer: list[float]) -> float:
+    """Median of the per-round ratios ours[i] / peer[i] (rounds alternate the two sides)."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(ours, peer, strict=True))
+
+
 def random_words(rng: random.Random, n: int) -> str:
     syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "be", "do", "fu", "ga", "hi"]
     return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
