@@ -54,3 +54,33 @@ def test_varlen_model_still_generates_and_pads_like_sdpa():
     out_a = plain.generate(ids, max_new_tokens=6, do_sample=False)
     out_b = varlen.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(out_a, out_b)
+
+
+def test_varlen_forward_builds_no_mask_but_padded_forward_does(monkeypatch):
+    """transformers' (N, N) packed-sequence mask is skipped for varlen forwards only."""
+    import posttrain.models.attention as attn
+
+    tok, ex = _examples(3)
+    model = build_model("nano", seed=1)
+    enable_packed_attention(model)
+    calls = []
+    real = attn.sdpa_mask
+    monkeypatch.setattr(attn, "sdpa_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    target_logits(model, pack(ex))
+    assert calls == []  # packed: no mask built
+    target_logits(model, pad(ex, tok.pad_token_id))
+    assert calls == [1]  # padded: transformers' causal + padding mask, as before
+    assert not attn._VARLEN_FORWARD.get()  # the flag does not leak out of the forward
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    from posttrain.models.attention import cpu_fp32_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cpu_fp32_sdpa(q, k, v, is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                           is_causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)  # fp32 math, one rounding

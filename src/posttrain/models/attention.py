@@ -49,6 +49,18 @@ def packed_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
+def cpu_fp32_sdpa(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
+    """``F.scaled_dot_product_attention``, computed in fp32 on CPU (autocast off there; the
+    output in the query's dtype) and unchanged elsewhere. For other custom attention functions
+    (e.g. prefix sharing): with a (32, 9, 48, 64) x (32, 3, 114, 64) masked GQA call, fwd + bwd
+    measured 36-98 ms in fp32 vs 218-258 ms in bf16 on the 2-core CPU."""
+    if query.device.type != "cpu":
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), **kwargs)
+    return out.to(query.dtype)
+
+
 def _varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, lengths: list[int],
                  scaling: float | None) -> Tensor:
     """(1, H, N, D), (1, H_kv, N, D) x2 -> (1, N, H, D): causal SDPA per sequence."""
