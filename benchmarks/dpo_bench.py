@@ -2,6 +2,7 @@
 
     python -m benchmarks.dpo_bench                                   # tiny + SmolLM2-135M
     python -m benchmarks.dpo_bench --workloads tiny --sides posttrain,trl,posttrain_noshare
+    python -m benchmarks.dpo_bench ablation --workloads tiny     # prefix sharing alone
 
 One invocation measures the machine's bf16 matmul peak, writes one shared synthetic preference
 set per workload (chat prompts of 100-200 tokens, chosen/rejected responses of 20-150 tokens,
@@ -306,6 +307,16 @@ def _best(r: dict, key: str) -> float:
     return r["batch"] / min(steps) if key == "pairs_per_s_best" else min(steps) / r["batch"]
 
 
+def _paired(rs: list[dict], trl: list[dict] | None) -> str:
+    """Per round, this side's pairs/s over TRL's in the same round (neighbouring in time, so
+    under similar load); their median and the list."""
+    if not trl:
+        return "-"
+    t = {r["round"]: r["pairs_per_s"] for r in trl}
+    ratios = [r["pairs_per_s"] / t[r["round"]] for r in rs if r["round"] in t]
+    return f"{statistics.median(ratios):.2f}x ({' / '.join(f'{x:.2f}' for x in ratios)})"
+
+
 def tables(results: list[dict]) -> str:
     """Speed: per (workload, side) the median over runs of each run's pairs/s (pairs / its
     median step time), of its best step, and of its CPU seconds per pair; ratios vs TRL's.
@@ -325,9 +336,10 @@ def tables(results: list[dict]) -> str:
         for s, rs in by.items():
             pps, best, cpu, cpu_best = stats[s]
             speed.append([w, s, len(rs),
-                          " / ".join(f"{r['pairs_per_s']:.2f}" for r in rs),
-                          f"{pps:.2f}{vs(pps, 0)}", f"{best:.2f}{vs(best, 1)}",
-                          f"{cpu:.2f}{vs(cpu, 2, True)}", f"{cpu_best:.2f}{vs(cpu_best, 3, True)}"])
+                          " / ".join(f"{r['pairs_per_s']:.3g}" for r in rs),
+                          f"{pps:.3g}{vs(pps, 0)}", _paired(rs, by.get("trl")),
+                          f"{best:.3g}{vs(best, 1)}",
+                          f"{cpu:.3g}{vs(cpu, 2, True)}", f"{cpu_best:.3g}{vs(cpu_best, 3, True)}"])
             work.append([w, s, f"{med(rs, lambda r: r['tokens_per_step']):.0f}",
                          f"{100 * med(rs, lambda r: r['prefix_saved_frac']):.0f}%",
                          f"{med(rs, lambda r: r['ref_precompute_s']):.1f}",
@@ -336,15 +348,59 @@ def tables(results: list[dict]) -> str:
                          f"{med(rs, lambda r: r['peak_flops']) / 1e9:.0f}"])
     return "\n\n".join([
         format_table(["workload", "side", "runs", "pairs/s per run", "pairs/s (vs TRL)",
-                      "best-step pairs/s (vs TRL)", "CPU s/pair (TRL / this)",
-                      "best-step CPU s/pair (TRL / this)"], speed),
+                      "vs TRL, same round (median)", "best-step pairs/s (vs TRL)",
+                      "CPU s/pair (TRL / this)", "best-step CPU s/pair (TRL / this)"], speed),
         format_table(["workload", "side", "tokens/step", "prefix saved", "ref precompute s",
                       "peak RSS MiB", "MFU", "bf16 peak GFLOP/s"], work)])
 
 
+def ablation(a: argparse.Namespace) -> str:
+    """Prefix sharing alone: fwd + bwd of one micro-batch of ``batch`` pairs through
+    ``sequence_logprobs`` under bf16 autocast, as a plain packed row and as prefix-shared rows
+    (gather and masked layouts), the three interleaved ``reps`` times in this process."""
+    from transformers import AutoTokenizer
+
+    from posttrain.data.batching import pack
+    from posttrain.data.chat import encode_preference
+    from posttrain.models.io import load_model
+    from posttrain.models.logprobs import sequence_logprobs
+    from posttrain.models.prefix import enable_prefix_attention, pack_pairs
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows_out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for workload in a.workloads.split(","):
+            mdir = model_dir(workload, Path(tmp))
+            tok, model = AutoTokenizer.from_pretrained(mdir), load_model(mdir)
+            enable_prefix_attention(model)
+            seqs = [s for r in make_pref_rows(tok, a.batch_size, a.seed)
+                    for s in encode_preference(tok, r)]
+            batches = {"packed (no sharing)": pack(seqs), "prefix, gather": pack_pairs(seqs),
+                       "prefix, masked": pack_pairs(seqs, "masked")}
+            times: dict[str, list[float]] = {k: [] for k in batches}
+            for rep in range(a.reps + 1):
+                for k, b in batches.items():
+                    model.zero_grad(set_to_none=True)
+                    t0 = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        logps, _ = sequence_logprobs(model, b)
+                    logps.sum().backward()
+                    if rep:  # the first round warms up
+                        times[k].append(time.perf_counter() - t0)
+            base = statistics.median(times["packed (no sharing)"])
+            for k, b in batches.items():
+                t = statistics.median(times[k])
+                rows_out.append([workload, k, b["num_tokens"], f"{t:.3f}", f"{base / t:.2f}x",
+                                 " / ".join(f"{x:.2f}" for x in times[k])])
+            print(f"  {workload} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    return format_table(["workload", "forward", "tokens", "fwd+bwd s (median)",
+                         "speedup", "all reps s"], rows_out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dpo_bench")
-    p.add_argument("bench", nargs="?", default="dpo", choices=["dpo", "_side"])
+    p.add_argument("bench", nargs="?", default="dpo", choices=["dpo", "ablation", "_side"])
     p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
     p.add_argument("--sides", default="posttrain,trl",
                    help="interleaved in this order each round; also posttrain_noshare")
@@ -354,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reps", type=int, default=8, help="ablation: timed repetitions")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side; 0 = default")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--from-json", help="only print the tables of saved results (comma list)")
@@ -363,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.bench == "_side":
         run_one_side(a)
+        return
+    if a.bench == "ablation":
+        print(f"prefix sharing ablation: {a.batch_size} pairs, bf16 autocast, torch threads "
+              f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}\n")
+        print(ablation(a))
         return
     if a.from_json:
         results = [r for f in a.from_json.split(",") for r in json.loads(Path(f).read_text())]
