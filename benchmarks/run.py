@@ -199,7 +199,8 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                 peaks.append(matmul_peak(torch.bfloat16))
                 for side in runs:
                     load = os.getloadavg()[0]
-                    r = run_side([*common, "--side", side], env=env)
+                    r = run_side([*common, "--side", side.removesuffix("_malloc")],
+                                 env={**env, **MALLOC_ENV} if side.endswith("_malloc") else env)
                     r.update(load_before=load, load_after=os.getloadavg()[0])
                     runs[side].append(r)
                     print(f"  round {rnd} {workload:8s} {side:9s} {r['tokens_per_s']:9.1f} "
@@ -223,6 +224,11 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                     "load": [round(x["load_before"], 1) for x in rs],
                 })
     return results
+
+
+# posttrain's engine sets these through mallopt (``posttrain.train.allocator``); the side
+# ``trl_malloc`` gives TRL the same allocator settings through glibc's environment variables.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def side_env(policy: str) -> dict[str, str]:
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run")
     p.add_argument("bench", choices=["sft", "_side"])
     p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
-    p.add_argument("--sides", default="posttrain,trl")
+    p.add_argument("--sides", default="posttrain,trl",
+                   help="posttrain, trl, trl_malloc (TRL with posttrain's allocator settings)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per side")
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")

@@ -25,6 +25,7 @@ from posttrain.errors import TrainingError
 from posttrain.models.lora import save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
+from posttrain.train.allocator import keep_freed_memory
 from posttrain.train.metrics import MetricsLogger
 from posttrain.train.progress import Progress
 
@@ -88,6 +89,8 @@ class Engine:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.run_dir, self.total_steps = run_dir, total_steps
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # every step reuses warm pages (train/allocator.py)
         self.dist = ddp.current()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
