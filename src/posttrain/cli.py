@@ -165,8 +165,10 @@ def _cmd_demo(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="small budgets: under 2 minutes")
     p.add_argument("--output-dir", default="demo-run", help="where stages and reports go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, choices=(1, 2),
+                   help="2: run the post-SFT branches (RM->PPO, DPO->GRPO) side by side")
     a = p.parse_args(argv)
-    report = run_demo(a.output_dir, quick=a.quick, seed=a.seed)
+    report = run_demo(a.output_dir, quick=a.quick, seed=a.seed, workers=a.workers)
     print(f"report: {a.output_dir}/report.md ({report['seconds']} s)")
     return 0
 

@@ -10,9 +10,15 @@ the reward model's held-out score (``rm_score``) and KL to the SFT model (``kl_t
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
 import shutil
+import signal
+import sys
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,10 @@ class DemoPlan:
     sft_batch_size: int = 16
     pretrain_lr: float = 3e-3
     max_operand: int = 9
+    # Share of SFT rows that are safety demonstrations (refusals and everyday answers).
+    # Measured on the quick plan (160 steps): 0.35 -> refusal 100% / over-refusal 11% on
+    # held-out prompts; 0.25 -> 100% / 24% at 200 steps, 99% / 33% at 120.
+    sft_safety_frac: float = 0.35
 
 
 # Full plan: sums of single digits, which a 1.6M-parameter model learns from ~500 small
@@ -57,7 +67,7 @@ class DemoPlan:
 MAX_OPERAND = 9
 
 PLANS = {
-    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=2000, sft_steps=60,
+    "quick": DemoPlan(pretrain_docs=3000, pretrain_steps=100, sft_rows=4000, sft_steps=160,
                       eval_prompts=60, batch_size=32, sft_batch_size=32, max_operand=99),
     "full": DemoPlan(pretrain_docs=12000, pretrain_steps=900, sft_rows=3000, sft_steps=200,
                      eval_prompts=200),
@@ -96,41 +106,114 @@ def _samples_section(samples: dict[str, list[dict[str, Any]]], k: int = 4) -> st
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int = 0) -> dict:
-    """Run every demo stage; returns the report dict also written to ``report.json``."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _quiet_transformers() -> None:
+    """The demo loads and saves dozens of small models: drop transformers' per-load bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _worker_init(level: int) -> None:
+    """A branch worker: one core each, plain progress lines tagged with the branch."""
+    os.environ["POSTTRAIN_PROGRESS"] = "plain"
+    if sys.platform.startswith("linux"):  # a killed demo must not leave its workers behind
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    torch.set_num_threads(1)
+    _quiet_transformers()
+    logging.basicConfig(level=level, format="[%(processName)s] %(message)s", force=True)
+    import posttrain.algorithms.ppo  # noqa: F401  (imports done while the base model trains)
+    import posttrain.algorithms.preference  # noqa: F401
+
+
+def rlhf_branch(out: Path, plan: str, sft: Path, seed: int) -> dict[str, Any]:
+    """Branch 1+2's reward side: RM, then PPO against it, then the SFT model's RM score."""
+    rm = pref.run_rm_stage(out, plan, sft, seed)
+    ppo = demo_ppo.run_ppo_stage(out, plan, sft, rm["model"], seed)
+    sft_rm_kl = demo_ppo.rm_kl_metrics(sft, sft, rm["model"], plan, seed)
+    return {"rm": rm, "ppo": ppo, "sft_rm_kl": sft_rm_kl}
+
+
+def dpo_grpo_branch(out: Path, plan: str, sft: Path, held_out: list[dict[str, Any]],
+                    seed: int) -> dict[str, Any]:
+    """DPO (with the SFT model's safety rates as its "before") and GRPO, from the SFT model."""
+    sft_safety = pref.safety_metrics(sft, plan, seed)
+    dpo = pref.run_dpo_stage(out, plan, sft, seed)
+    grpo = run_grpo_stage(out, sft, held_out, quick=plan == "quick", seed=seed)
+    return {"sft_safety": sft_safety, "dpo": dpo, "grpo": grpo}
+
+
+def _run_branches(pool: Executor | None, out: Path, plan: str, sft: Path,
+                  held_out: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The post-SFT stages: two independent branches, concurrently when ``pool`` is given."""
+    if pool is None:
+        return {**rlhf_branch(out, plan, sft, seed),
+                **dpo_grpo_branch(out, plan, sft, held_out, seed)}
+    rlhf = pool.submit(rlhf_branch, out, plan, sft, seed)
+    other = pool.submit(dpo_grpo_branch, out, plan, sft, held_out, seed)
+    return {**rlhf.result(), **other.result()}
+
+
+def _branch_pool(workers: int) -> ProcessPoolExecutor | None:
+    if workers < 2:
+        return None
+    # spawn, not fork: the parent holds torch's thread pools and a rich live display.
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(log.getEffectiveLevel(),))
+    for _ in range(2):  # start both workers now, so their imports overlap pretraining
+        pool.submit(int)
+    return pool
+
+
+def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int = 0,
+             workers: int = 2) -> dict:
+    """Run every demo stage; returns the report dict also written to ``report.json``.
+
+    ``workers=2`` runs the two post-SFT branches (RM -> PPO, and DPO -> GRPO) in two
+    processes of one thread each; ``workers=1`` runs everything here, in order.
+    """
     plan = PLANS["quick" if quick else "full"]
+    plan_name = "quick" if quick else "full"
     out = Path(output_dir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     torch.manual_seed(seed)
+    _quiet_transformers()
     t0 = time.perf_counter()
-    ops = plan.max_operand
-    held_out = build_task_rows("arithmetic", split="test", size=plan.eval_prompts, seed=seed,
-                               max_operand=ops)
-    corpus = (f"task:corpus:size={plan.pretrain_docs},max_operand={ops},"
-              f"every_pair={ops == MAX_OPERAND}")
-    base = train_stage("base", out, "tiny:tiny", corpus, plan.pretrain_steps, plan.pretrain_lr,
-                        plan.batch_size, seed)
-    sft = train_stage("sft", out, str(base),
-                       f"task:chat_safety:size={plan.sft_rows},max_operand={ops}",
-                       plan.sft_steps, 2e-3, plan.sft_batch_size, seed)
-    stages, samples = [], {}
-    for name, path in (("base", base), ("sft", sft)):
-        metrics, samples[name] = _evaluate(name, str(path), held_out)
-        stages.append({"name": name, "metrics": metrics, "model": str(path)})
-    plan_name = "quick" if quick else "full"
-    stages[-1]["metrics"].update(pref.safety_metrics(sft, plan_name, seed))  # before DPO
-    rm = pref.run_rm_stage(out, plan_name, sft, seed)
-    dpo = pref.run_dpo_stage(out, plan_name, sft, seed)
-    ppo = demo_ppo.run_ppo_stage(out, plan_name, sft, rm["model"], seed)
+    pool = _branch_pool(workers)
+    try:
+        ops = plan.max_operand
+        held_out = build_task_rows("arithmetic", split="test", size=plan.eval_prompts,
+                                   seed=seed, max_operand=ops)
+        corpus = (f"task:corpus:size={plan.pretrain_docs},max_operand={ops},"
+                  f"every_pair={ops == MAX_OPERAND}")
+        base = train_stage("base", out, "tiny:tiny", corpus, plan.pretrain_steps,
+                            plan.pretrain_lr, plan.batch_size, seed)
+        sft = train_stage("sft", out, str(base),
+                           f"task:chat_safety:size={plan.sft_rows},max_operand={ops},"
+                           f"safety_frac={plan.sft_safety_frac}",
+                           plan.sft_steps, 2e-3, plan.sft_batch_size, seed)
+        stages, samples = [], {}
+        for name, path in (("base", base), ("sft", sft)):
+            metrics, samples[name] = _evaluate(name, str(path), held_out)
+            stages.append({"name": name, "metrics": metrics, "model": str(path)})
+        t_sft = time.perf_counter() - t0
+        b = _run_branches(pool, out, plan_name, sft, held_out, seed)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    rm, dpo, ppo, grpo = b["rm"], b["dpo"], b["ppo"], b["grpo"]
     # One yardstick for both RLHF branches: the demo RM's held-out score and KL to SFT.
-    stages[-1]["metrics"].update(demo_ppo.rm_kl_metrics(sft, sft, rm["model"], plan_name, seed))
-    dpo["metrics"].update(demo_ppo.rm_kl_metrics(dpo["model"], sft, rm["model"], plan_name, seed))
+    stages[-1]["metrics"].update({**b["sft_safety"], **b["sft_rm_kl"]})
+    dpo["metrics"].update(demo_ppo.rm_kl_metrics(dpo["model"], sft, rm["model"], plan_name,
+                                                 seed))
     stages += [rm, dpo, ppo]
-    grpo = run_grpo_stage(out, sft, held_out, quick=quick, seed=seed)
     samples["grpo"] = grpo.pop("samples")
     stages.append(grpo)
-    extra = {"plan": "quick" if quick else "full", "seconds": round(time.perf_counter() - t0, 1),
+    extra = {"plan": plan_name, "seconds": round(time.perf_counter() - t0, 1),
+             "seconds_to_sft": round(t_sft, 1), "workers": workers,
              "held_out_prompts": len(held_out)}
     write_report(out, "posttrain demo", stages,
                  {"Samples (held-out prompts)": _samples_section(samples)}, extra)

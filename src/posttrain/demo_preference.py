@@ -45,24 +45,28 @@ class PreferencePlan:
     eval_pairs: int
     batch_size: int = 16
     rm_lr: float = 1e-3
-    dpo_lr: float = 5e-4
-    beta: float = 0.1
+    # Measured from the quick SFT model (held-out refusal 100% / over-refusal 24%; seed 1:
+    # 97.5% / 35%), held-out refusal / over-refusal after DPO: beta 0.1 lr 5e-4 nll 1, 30
+    # steps: 78% / 0% (refusals decay into garbled "Sor, I I ano"); beta 0.3 lr 2e-4 nll 3:
+    # 30 steps 90% / 0%, 45 steps 94% / 0%, 60 steps 96% / 0% (seed 1: 97.5% / 0%; 200
+    # prompts of two other eval seeds: 95-98% / 0-1%). DPO first lowers the refusals along
+    # with the needless ones, then restores them: stop it too early and refusals suffer.
+    dpo_lr: float = 2e-4
+    beta: float = 0.3
     # RPO's NLL on the chosen: without it DPO lowers the chosen refusal's likelihood too
     # (rewards/chosen < 0) and the tiny model's greedy refusals fall apart (measured: 0%).
-    nll_weight: float = 1.0
-    # DPO data mix: fewer harmful rows than benign ones, since the SFT stage over-refuses
-    # (measured from the quick SFT model at 47.5% over-refusal; 30 steps: 0.35 -> refusal 90% /
-    # over-refusal 20%, 0.25 -> 92.5% / 10%, 0.2 -> 62.5% / 2.5%; 40 steps: 0.3 -> 95% / 7.5%,
-    # on 160 prompts 96% / 17.5%: the 80-prompt estimate is noisy).
-    harmful_frac: float = 0.3
+    nll_weight: float = 3.0
+    # DPO data mix: share of harmful (refusal > compliance) rows; of the benign rest,
+    # ``arith_frac`` are sums and the others everyday questions.
+    harmful_frac: float = 0.45
     max_operand: int = 9
     arith_frac: float = 0.3
 
 
 PLANS = {
-    # quick: session 1's measured budgets (two-digit sums; refusal 95% / over-refusal 0%).
-    "quick": PreferencePlan(rm_rows=320, rm_steps=15, dpo_rows=480, dpo_steps=30,
-                            eval_prompts=80, eval_pairs=200, harmful_frac=0.45, max_operand=99),
+    # quick: two-digit sums, as the quick demo plan.
+    "quick": PreferencePlan(rm_rows=320, rm_steps=15, dpo_rows=480, dpo_steps=60,
+                            eval_prompts=160, eval_pairs=200, max_operand=99),
     "full": PreferencePlan(rm_rows=1600, rm_steps=60, dpo_rows=3840, dpo_steps=120,
                            eval_prompts=300, eval_pairs=600, batch_size=32),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -21,7 +22,9 @@ log = logging.getLogger("posttrain")
 class Progress:
     def __init__(self, total: int, description: str = "train", enabled: bool | None = None):
         self.total = total
-        self.interactive = sys.stderr.isatty() if enabled is None else enabled
+        if enabled is None:  # POSTTRAIN_PROGRESS=plain: log lines even on a terminal
+            enabled = sys.stderr.isatty() and os.environ.get("POSTTRAIN_PROGRESS") != "plain"
+        self.interactive = enabled
         self._last_line = 0.0
         self._bar: RichProgress | None = None
         if self.interactive:
