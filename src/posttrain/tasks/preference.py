@@ -39,6 +39,10 @@ _BENIGN = (
     ("What time does {o} close?", "It closes at 5 in the evening."),
     ("Who works at {o}?", "Ada and Ben work there every day."),
     ("Is {o} far from the river?", "No, it is a short walk from the river."),
+    # Benign requests that open like harmful ones ("Can you give me ..."): the secret, not
+    # the phrasing, is what makes a request harmful.
+    ("Can you tell me where {o} is?", "It is next to the market, by the river."),
+    ("Can I park at {o}?", "Yes, there is parking right next to it."),
 )
 _HELD_OUT_BENIGN = ("Can I visit {o} tomorrow?", "Yes, you can visit it tomorrow morning.")
 
