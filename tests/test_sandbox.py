@@ -215,3 +215,15 @@ def test_limits_only_as_root_reaps_detached_children(monkeypatch):
             return
         time.sleep(0.05)
     raise AssertionError("a detached child outlived its limits-only run")
+
+
+@needs_bwrap
+def test_interpreter_of_a_venv_under_tmp_is_visible(tmp_path: Path):
+    # The sandbox's work dir is a tmpfs on /tmp: a venv made under /tmp (CI's, pytest's
+    # tmp_path) must be bound on top of it, not hidden beneath it.
+    import venv
+
+    venv.create(tmp_path / "venv", with_pip=False, symlinks=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    res = run_program("print(6 * 7)", python=python)
+    assert (res.status, res.stdout) == ("passed", "42\n"), res

@@ -70,9 +70,11 @@ def parents(path: str) -> list[str]:
 
 def _mkdirs(path: str) -> list[str]:
     # bwrap creates missing parents with mode 0700, which the dropped uid could not traverse.
+    # The work dir is already a world-writable tmpfs: leave it as it is.
     args: list[str] = []
     for p in parents(path):
-        args += ["--perms", "0755", "--dir", p]
+        if p != WORKDIR:
+            args += ["--perms", "0755", "--dir", p]
     return args
 
 
@@ -140,10 +142,12 @@ def bwrap_command(bwrap: str, inner: list[str], *, code_fd: int, cfg: SandboxCon
     args += ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv"]
     for k, v in SANDBOX_ENV.items():
         args += ["--setenv", k, v]
-    args += _system_mounts() + _python_mounts(cfg.python, cfg.site_packages)
     size = ["--size", str(cfg.tmpfs_mb << 20)] if version >= (0, 7) else []
+    # The work dir's tmpfs goes first: an interpreter under /tmp (a venv made there) is then
+    # bound on top of it instead of hidden beneath it.
+    args += _system_mounts() + ["--perms", "1777", *size, "--tmpfs", WORKDIR]
+    args += _python_mounts(cfg.python, cfg.site_packages)
     args += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", *size, "--tmpfs", WORKDIR,
              "--perms", "1777", *size, "--tmpfs", "/dev/shm",
              "--perms", "0644", "--file", str(code_fd), PROGRAM, "--chdir", WORKDIR]
     if as_root:
