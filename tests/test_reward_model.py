@@ -64,10 +64,12 @@ def test_pad_equal_to_eos_does_not_move_the_scored_token(nano_dir):
 
 
 def test_rm_learns_heldout_accuracy_and_scores(tmp_path):
+    # Measured: 30 steps of 16 pairs 89%, 45 steps 94%, 60 steps 100% (since the benign
+    # requests that open like harmful ones joined task:pref_safety).
     out = tmp_path / "rm"
     cfg = load_config(RMConfig, None, [
-        "model=tiny:nano", "data=task:pref_safety:size=480", "eval_data=task:pref_safety:size=100",
-        f"output_dir={out}", "max_steps=30", "batch_size=16", "lr=3e-3", "warmup_steps=3",
+        "model=tiny:nano", "data=task:pref_safety:size=960", "eval_data=task:pref_safety:size=100",
+        f"output_dir={out}", "max_steps=60", "batch_size=16", "lr=3e-3", "warmup_steps=3",
         "max_length=128"])
     final = train_reward_model(cfg)
     rows = read_metrics(out / "metrics.jsonl")
