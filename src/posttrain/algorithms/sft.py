@@ -44,7 +44,8 @@ def count_targets(batch: dict[str, Any]) -> float:
 
 
 def sft_step(model: torch.nn.Module, batch: dict[str, Any], normalizer: float):  # noqa: ANN201
-    logits, targets = target_logits(model, batch)  # (N, V), (N,)
+    # bf16 logits under autocast: sft_loss upcasts them chunk by chunk (no (N, V) fp32 copy).
+    logits, targets = target_logits(model, batch, upcast=False)  # (N, V), (N,)
     loss, metrics = sft_loss(logits, targets, normalizer)
     metrics["sft/target_token_frac"] = torch.tensor(
         batch["num_target_tokens"] / max(batch["num_tokens"], 1))
@@ -68,7 +69,7 @@ def evaluate_nll(model: torch.nn.Module, stream: BatchStream, precision: str) ->
     for _ in range(len(stream)):
         batch = stream.next()
         with autocast_context(precision, device):
-            logits, targets = target_logits(model, batch)
+            logits, targets = target_logits(model, batch, upcast=False)
         n_b = targets.numel()
         loss, m = sft_loss(logits, targets, normalizer=1.0)
         nll, correct, n = nll + float(loss), correct + float(m["sft/token_accuracy"]) * n_b, n + n_b

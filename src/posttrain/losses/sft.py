@@ -2,9 +2,62 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Rows of the (N, V) logits per chunk of the CPU cross-entropy: ~2 MiB of fp32 per chunk
+# (10 rows at V = 49152) stays in L2/L3 across the cast, exp and sum. Measured at N = 1200,
+# V = 49152 on one core: 8 rows 263 ms fwd + bwd, 32 rows 364 ms, 128 rows 347 ms.
+_CHUNK_ELEMENTS = 2**19
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """Summed NLL of (N, V) logits in any float dtype, computed in fp32 one chunk of rows at
+    a time; also returns each row's argmax (N,) (not differentiable).
+
+    The same value and gradient as ``F.cross_entropy(logits.float(), targets, "sum")`` (up
+    to fp32 rounding; the gradient is cast to the logits' dtype, as ``.float()``'s backward
+    does), without its (N, V) fp32 tensors: the upcast logits, the log-softmax output, the
+    zero-filled one-hot gradient and the log-softmax gradient. On CPU those are memory-bound
+    and page-fault-bound passes over ~200 MB each (SmolLM2-135M: N ~ 1200, V = 49152).
+    The backward recomputes softmax = exp(logits - logsumexp) from the saved logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        n, v = logits.shape
+        chunk = max(1, _CHUNK_ELEMENTS // max(v, 1))
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        pred = torch.empty(n, dtype=torch.long, device=logits.device)
+        # One fp32 buffer reused by every chunk (a fresh one per chunk measured 2x slower).
+        buf = logits.new_empty((min(chunk, n), v), dtype=torch.float32)
+        for s in range(0, n, chunk):
+            x = buf[: min(chunk, n - s)].copy_(logits[s:s + chunk])  # modified in place
+            m, idx = x.max(-1)  # first index of the max, as argmax
+            pred[s:s + chunk] = idx
+            lse[s:s + chunk] = x.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.mark_non_differentiable(pred)
+        return (lse - target_logit).sum(), pred
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: Tensor, _grad_pred: Tensor) -> tuple[Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        n, v = logits.shape
+        chunk = max(1, _CHUNK_ELEMENTS // max(v, 1))
+        grad = torch.empty_like(logits)
+        buf = logits.new_empty((min(chunk, n), v), dtype=torch.float32)
+        for s in range(0, n, chunk):
+            p = buf[: min(chunk, n - s)].copy_(logits[s:s + chunk]).sub_(lse[s:s + chunk, None])
+            p.exp_()  # softmax
+            rows = torch.arange(p.shape[0], device=p.device)
+            p[rows, targets[s:s + chunk]] -= 1.0
+            grad[s:s + chunk] = p.mul_(grad_nll)
+        return grad, None
 
 
 def sft_loss(
@@ -15,16 +68,22 @@ def sft_loss(
     EQ 5.1:  L = - sum_t log pi(y_t | x, y_<t) / N
 
     Shapes: ``logits`` (N, V) at the N target positions only (prompt and padding positions
-    were never projected); ``targets`` (N,) the token each position must predict.
-    ``normalizer`` is N summed over the whole accumulated batch (all micro-batches, all
-    ranks), so that accumulating micro-batch losses equals one large batch's token mean.
+    were never projected), fp32 or the model's bf16/fp16; ``targets`` (N,) the token each
+    position must predict. ``normalizer`` is N summed over the whole accumulated batch (all
+    micro-batches, all ranks), so that accumulating micro-batch losses equals one large
+    batch's token mean. The log-softmax is always taken in fp32 (for stability); on CPU in
+    row chunks (``_ChunkedNLL``) so no (N, V) fp32 tensor is materialised.
 
     Metrics (detached, means over this micro-batch): ``sft/nll``, ``sft/token_accuracy``.
     """
     if targets.numel() == 0:
         zero = logits.sum() * 0.0
         return zero, {"sft/nll": zero.detach(), "sft/token_accuracy": zero.detach()}
-    nll = F.cross_entropy(logits.float(), targets, reduction="sum")  # fp32 for a stable log-softmax
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == targets).float().mean()
+    if logits.device.type == "cpu":
+        nll, pred = _ChunkedNLL.apply(logits, targets)
+    else:  # GPUs: the fused kernels are fast, and the chunked loop is unmeasured there
+        nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+        with torch.no_grad():
+            pred = logits.float().argmax(-1)
+    acc = (pred == targets).float().mean()
     return nll / normalizer, {"sft/nll": nll.detach() / targets.numel(), "sft/token_accuracy": acc}

@@ -26,7 +26,7 @@ def _supports_logits_to_keep(model: nn.Module) -> bool:
     return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
 
 
-def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+def target_logits(model: nn.Module, batch: dict, upcast: bool = True) -> tuple[Tensor, Tensor]:
     """Logits at target positions and their targets.
 
     ``batch`` follows ``posttrain.data.batching``: ``input_ids`` (B, T), ``position_ids``
@@ -37,7 +37,10 @@ def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
 
     The logits are cast to fp32 here (under bf16 autocast the head emits bf16): every loss
     takes its log-softmax in fp32 anyway, and metrics such as argmax then run on fp32 too
-    (a bf16 argmax over (N, 49k) on CPU costs ~3x the fp32 one).
+    (a bf16 argmax over (N, 49k) on CPU costs ~3x the fp32 one). ``upcast=False`` returns
+    the head's own dtype instead, for a loss that upcasts chunk by chunk itself
+    (``posttrain.losses.sft``: the (N, V) fp32 copy and its backward cast are ~10% of a
+    SmolLM2 SFT step on CPU).
     """
     labels = batch["labels"]
     keep = labels != -100  # (B, T)
@@ -53,4 +56,4 @@ def target_logits(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
         logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
     else:
         logits = model(**kwargs).logits[keep]  # (N, V)
-    return logits.float(), labels[keep]
+    return (logits.float() if upcast else logits), labels[keep]
