@@ -32,10 +32,13 @@ def _reference(logits: torch.Tensor, targets: torch.Tensor, normalizer: float):
     return nll.detach(), leaf.grad, acc
 
 
-def _chunked(logits: torch.Tensor, targets: torch.Tensor, normalizer: float):
+def _chunked(logits: torch.Tensor, targets: torch.Tensor, normalizer: float,
+             consume: bool = False, upstream: float = 1.0):
     leaf = logits.detach().clone().requires_grad_()
-    loss, m = sft_loss(leaf, targets, normalizer)
-    loss.backward()
+    # consume_logits overwrites its input, so hand it a temporary (as sft_step does)
+    loss, m = sft_loss(leaf.clone() if consume else leaf, targets, normalizer,
+                       consume_logits=consume)
+    (loss * upstream).backward()
     return loss.detach(), m, leaf.grad
 
 
@@ -47,14 +50,16 @@ def chunk_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(sft_mod, "_CHUNK_ELEMENTS", request.param)
 
 
+@pytest.mark.parametrize("consume", [False, True], ids=["recompute", "consume-logits"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_nll_matches_fp32_cross_entropy(dtype: torch.dtype, chunk_elements: None):
+def test_chunked_nll_matches_fp32_cross_entropy(dtype: torch.dtype, consume: bool,
+                                                chunk_elements: None):
     g = torch.Generator().manual_seed(0)
     n, v = 11, 29
     logits = (torch.randn(n, v, generator=g) * 4).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g)
     ref_nll, ref_grad, ref_acc = _reference(logits, targets, normalizer=7.0)
-    loss, m, grad = _chunked(logits, targets, normalizer=7.0)
+    loss, m, grad = _chunked(logits, targets, normalizer=7.0, consume=consume)
     torch.testing.assert_close(loss, ref_nll / 7.0, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(m["sft/nll"], ref_nll / n, atol=1e-6, rtol=1e-6)
     assert m["sft/token_accuracy"].item() == ref_acc.item()
@@ -66,6 +71,21 @@ def test_chunked_nll_matches_fp32_cross_entropy(dtype: torch.dtype, chunk_elemen
         ulp = ref_grad.float().abs() * 2.0**-8 + 1e-30
         assert bool((diff <= ulp).all()), float((diff / ulp).max())
         assert (grad == ref_grad).float().mean().item() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_consumed_logits_gradient_follows_an_unexpected_upstream_scale(dtype: torch.dtype):
+    """DDP scales each rank's loss by the world size: the gradient written in the forward
+    (for an upstream gradient of 1) is rescaled, exactly for a power of two."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, 13, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 13, (6,), generator=g)
+    _, _, plain = _chunked(logits, targets, normalizer=5.0, consume=True)
+    _, _, scaled = _chunked(logits, targets, normalizer=5.0, consume=True, upstream=4.0)
+    assert torch.equal(scaled, 4.0 * plain)
+    _, _, ref = _chunked(logits, targets, normalizer=5.0, upstream=3.0)
+    torch.testing.assert_close(_chunked(logits, targets, 5.0, True, 3.0)[2], ref,
+                               atol=1e-6, rtol=2.0**-7)
 
 
 def test_chunked_nll_gradient_is_softmax_minus_one_hot():

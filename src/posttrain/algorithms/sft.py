@@ -46,7 +46,7 @@ def count_targets(batch: dict[str, Any]) -> float:
 def sft_step(model: torch.nn.Module, batch: dict[str, Any], normalizer: float):  # noqa: ANN201
     # bf16 logits under autocast: sft_loss upcasts them chunk by chunk (no (N, V) fp32 copy).
     logits, targets = target_logits(model, batch, upcast=False)  # (N, V), (N,)
-    loss, metrics = sft_loss(logits, targets, normalizer)
+    loss, metrics = sft_loss(logits, targets, normalizer, consume_logits=True)
     metrics["sft/target_token_frac"] = torch.tensor(
         batch["num_target_tokens"] / max(batch["num_tokens"], 1))
     return loss, metrics

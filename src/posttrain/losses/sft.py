@@ -31,27 +31,51 @@ class _ChunkedNLL(torch.autograd.Function):
     does), without its (N, V) fp32 tensors: the upcast logits, the log-softmax output, the
     zero-filled one-hot gradient and the log-softmax gradient. On CPU those are memory-bound
     and page-fault-bound passes over ~200 MB each (SmolLM2-135M: N ~ 1200, V = 49152).
-    The backward recomputes softmax = exp(logits - logsumexp) from the saved logits.
+
+    Two ways to get the gradient:
+    - ``grad_scale=None``: the backward recomputes softmax = exp(logits - logsumexp) from the
+      saved logits, into a new (N, V) tensor. The logits are left as they were.
+    - ``grad_scale=s`` (the caller's guess of the incoming gradient, 1 / normalizer): the
+      forward, while each chunk's softmax is in cache, writes the finished gradient
+      (softmax - one_hot) * s over the logits themselves, and the backward returns that
+      buffer: no recomputed exp, no second (N, V) tensor. If the incoming gradient turns out
+      to be r * s (DDP's world-size scaling), the buffer is multiplied by r, exact in bf16
+      for a power of two. The caller must not read the logits afterwards.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, logits: Tensor, targets: Tensor,
+                grad_scale: float | None) -> tuple[Tensor, Tensor]:
         n = logits.shape[0]
         chunk, buf = _chunk_buffer(logits)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         pred = torch.empty(n, dtype=torch.long, device=logits.device)
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1).float()  # before any write
+        scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
+        grad = logits.detach()  # the consumed logits' storage, when scale is given
         for s in range(0, n, chunk):
             x = buf[: min(chunk, n - s)].copy_(logits[s:s + chunk])  # modified in place
             m, idx = x.max(-1)  # first index of the max, as argmax
             pred[s:s + chunk] = idx
-            lse[s:s + chunk] = x.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
-        target_logit = logits.gather(1, targets[:, None]).squeeze(1).float()
-        ctx.save_for_backward(logits, targets, lse)
+            total = x.sub_(m[:, None]).exp_().sum(-1)
+            lse[s:s + chunk] = total.log().add_(m)
+            if scale is not None:
+                x.mul_((scale / total)[:, None])  # softmax * s
+                x[torch.arange(x.shape[0]), targets[s:s + chunk]] -= scale
+                grad[s:s + chunk] = x
         ctx.mark_non_differentiable(pred)
+        if scale is None:
+            ctx.save_for_backward(logits, targets, lse)
+        else:
+            ctx.grad, ctx.scale = grad, scale
         return (lse - target_logit).sum(), pred
 
     @staticmethod
-    def backward(ctx: Any, grad_nll: Tensor, _grad_pred: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad_nll: Tensor, _grad_pred: Tensor) -> tuple[Tensor, None, None]:
+        if getattr(ctx, "scale", None) is not None:
+            grad, ratio = ctx.grad, float(grad_nll / ctx.scale)
+            del ctx.grad  # the buffer now belongs to the caller's backward
+            return (grad if abs(ratio - 1.0) < 1e-6 else grad.mul_(ratio)), None, None
         logits, targets, lse = ctx.saved_tensors
         n = logits.shape[0]
         chunk, buf = _chunk_buffer(logits)
@@ -62,11 +86,11 @@ class _ChunkedNLL(torch.autograd.Function):
             rows = torch.arange(p.shape[0], device=p.device)
             p[rows, targets[s:s + chunk]] -= 1.0
             grad[s:s + chunk] = p.mul_(grad_nll)
-        return grad, None
+        return grad, None, None
 
 
 def sft_loss(
-    logits: Tensor, targets: Tensor, normalizer: float
+    logits: Tensor, targets: Tensor, normalizer: float, consume_logits: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Masked NLL summed over target tokens and divided by an explicit ``normalizer``.
 
@@ -78,6 +102,10 @@ def sft_loss(
     micro-batches, all ranks), so that accumulating micro-batch losses equals one large
     batch's token mean. The log-softmax is always taken in fp32 (for stability); on CPU in
     row chunks (``_ChunkedNLL``) so no (N, V) fp32 tensor is materialised.
+    ``consume_logits=True`` (for a caller whose logits are a temporary, as in ``sft_step``)
+    lets the CPU path overwrite ``logits`` with their own gradient during the forward, which
+    saves the backward's recomputed softmax and a second (N, V) tensor; ``logits`` must not
+    be read after the call.
 
     Metrics (detached, means over this micro-batch): ``sft/nll``, ``sft/token_accuracy``.
     """
@@ -85,7 +113,8 @@ def sft_loss(
         zero = logits.sum() * 0.0
         return zero, {"sft/nll": zero.detach(), "sft/token_accuracy": zero.detach()}
     if logits.device.type == "cpu":
-        nll, pred = _ChunkedNLL.apply(logits, targets)
+        scale = 1.0 / normalizer if consume_logits and logits.requires_grad else None
+        nll, pred = _ChunkedNLL.apply(logits, targets, scale)
     else:  # GPUs: the fused kernels are fast, and the chunked loop is unmeasured there
         upcast = logits.float()  # one fp32 copy for the loss and the argmax
         nll = F.cross_entropy(upcast, targets, reduction="sum")
