@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,21 +45,33 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: flo
     return best
 
 
-def train_flops_per_token(config: Any, mean_seq_len: float) -> float:
-    """Training FLOPs per token: 6 N + 6 L d l (Kaplan et al. 2020; PaLM appendix B).
+def train_flops_per_token(config: Any, seq_lens: float | Sequence[int],
+                          lm_head_frac: float = 1.0) -> float:
+    """Training FLOPs per token: 6 N + attention (Kaplan et al. 2020; PaLM appendix B).
 
-    N counts every matmul weight a token passes through: the transformer blocks and the LM
-    head over the full vocabulary (tied or not), not the embedding lookup. The attention
-    term is the causal (half) QK^T and AV products for a sequence of mean length ``l``:
-    2 matmuls x 2 FLOPs x l/2 keys x d, times 3 for forward + backward.
+    N counts every matmul weight a token passes through: the transformer blocks and, for a
+    fraction ``lm_head_frac`` of the tokens, the LM head over the full vocabulary (tied or
+    not); never the embedding lookup. ``lm_head_frac`` < 1 is the strict count for a loss
+    that needs logits only at target tokens (SFT's response mask): projecting the others is
+    work the task does not need, so it is not counted on either side.
+
+    Attention: the causal QK^T and AV products, 2 matmuls x 2 FLOPs x d per key, times 3 for
+    forward + backward. With ``seq_lens`` the rows' lengths, a token at position i of its
+    row attends i + 1 keys, so the per-token term is 12 L d sum_r l_r (l_r + 1) / 2 / sum_r
+    l_r (token-weighted: long rows hold more tokens). A float is a mean length l, with l / 2
+    keys per token (the older, row-mean approximation).
     """
     d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     attn = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o + k, v
     mlp = 3 * d * config.intermediate_size  # gate, up, down
-    n_matmul = L * (attn + mlp) + d * V
-    return 6 * n_matmul + 6 * L * heads * head_dim * mean_seq_len
+    n_matmul = L * (attn + mlp) + lm_head_frac * d * V
+    if isinstance(seq_lens, int | float):
+        keys_per_token = seq_lens / 2
+    else:
+        keys_per_token = sum(n * (n + 1) / 2 for n in seq_lens) / sum(seq_lens)
+    return 6 * n_matmul + 12 * L * heads * head_dim * keys_per_token
 
 
 def peak_rss_mb() -> float:
