@@ -22,6 +22,14 @@ def _chunk_buffer(logits: Tensor) -> tuple[int, Tensor]:
     return chunk, logits.new_empty((min(chunk, n), v), dtype=torch.float32)
 
 
+def _nll_grad_chunk(x: Tensor, row_scale: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """In place: x * row_scale, minus ``scale`` at each row's target; with x * row_scale =
+    softmax * scale that is the NLL gradient (softmax - one_hot) * scale of the chunk."""
+    x.mul_(row_scale)
+    x[torch.arange(x.shape[0], device=x.device), targets] -= scale
+    return x
+
+
 class _ChunkedNLL(torch.autograd.Function):
     """Summed NLL of (N, V) logits in any float dtype, computed in fp32 one chunk of rows at
     a time; also returns each row's argmax (N,) (not differentiable).
@@ -52,17 +60,16 @@ class _ChunkedNLL(torch.autograd.Function):
         pred = torch.empty(n, dtype=torch.long, device=logits.device)
         target_logit = logits.gather(1, targets[:, None]).squeeze(1).float()  # before any write
         scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
-        grad = logits.detach()  # the consumed logits' storage, when scale is given
+        grad = logits.detach()  # the consumed logits' storage (written only when scale is given)
         for s in range(0, n, chunk):
             x = buf[: min(chunk, n - s)].copy_(logits[s:s + chunk])  # modified in place
             m, idx = x.max(-1)  # first index of the max, as argmax
             pred[s:s + chunk] = idx
             total = x.sub_(m[:, None]).exp_().sum(-1)
             lse[s:s + chunk] = total.log().add_(m)
-            if scale is not None:
-                x.mul_((scale / total)[:, None])  # softmax * s
-                x[torch.arange(x.shape[0]), targets[s:s + chunk]] -= scale
-                grad[s:s + chunk] = x
+            if scale is not None:  # exp(x - m) * s / total = softmax * s
+                grad[s:s + chunk] = _nll_grad_chunk(x, (scale / total)[:, None],
+                                                    targets[s:s + chunk], scale)
         ctx.mark_non_differentiable(pred)
         if scale is None:
             ctx.save_for_backward(logits, targets, lse)
@@ -82,10 +89,8 @@ class _ChunkedNLL(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s in range(0, n, chunk):
             p = buf[: min(chunk, n - s)].copy_(logits[s:s + chunk]).sub_(lse[s:s + chunk, None])
-            p.exp_()  # softmax
-            rows = torch.arange(p.shape[0], device=p.device)
-            p[rows, targets[s:s + chunk]] -= 1.0
-            grad[s:s + chunk] = p.mul_(grad_nll)
+            grad[s:s + chunk] = _nll_grad_chunk(p.exp_(), grad_nll, targets[s:s + chunk],
+                                                grad_nll)
         return grad, None, None
 
 
