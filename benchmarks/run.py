@@ -100,7 +100,7 @@ def side_posttrain(a: argparse.Namespace, rows: list[dict], out: Path) -> StepCl
 
     cfg = SFTConfig(model=a.model_dir, data="-", output_dir=str(out), max_steps=a.steps,
                     batch_size=a.batch_size, lr=a.lr, lr_scheduler="constant", precision="bf16",
-                    max_length=a.max_length, report_to=["jsonl"], seed=a.seed)
+                    max_length=a.max_length, report_to=["jsonl"], seed=a.seed, compile=a.compile)
     model, tok = load_policy(cfg, None)
     device = next(model.parameters()).device
     examples = [Encoded(r["input_ids"], r["loss_mask"]) for r in rows]
@@ -135,7 +135,7 @@ def side_trl(a: argparse.Namespace, rows: list[dict], out: Path) -> StepClock:
         weight_decay=0.0, bf16=True, gradient_checkpointing=False, padding_free=True,
         completion_only_loss=True, max_length=None, logging_steps=1,  # rows pre-truncated
         save_strategy="no", report_to=[], dataloader_num_workers=0, seed=a.seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, torch_compile=a.compile,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     counts: list[int] = []
@@ -204,8 +204,9 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                 peaks.append(matmul_peak(torch.bfloat16))
                 for side in runs:
                     load = os.getloadavg()[0]
-                    r = run_side([*common, "--side", side.removesuffix("_malloc")],
-                                 env={**env, **MALLOC_ENV} if side.endswith("_malloc") else env)
+                    base, *flags = side.split("_")
+                    r = run_side([*common, "--side", base, *(["--compile"] * ("compile" in flags))],
+                                 env={**env, **MALLOC_ENV} if "malloc" in flags else env)
                     r.update(load_before=load, load_after=os.getloadavg()[0])
                     runs[side].append(r)
                     print(f"  round {rnd} {workload:8s} {side:9s} {r['tokens_per_s']:9.1f} "
@@ -213,7 +214,9 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                           f"steps {r['step_times']}", file=sys.stderr, flush=True)
             peak = statistics.median(peaks)
             for side, rs in runs.items():
-                trl = runs.get("trl")
+                # compiled sides are compared with compiled TRL when it ran
+                trl = runs.get("trl_compile" if side.endswith("_compile") else "trl",
+                               runs.get("trl"))
                 ratios = ([x["tokens_per_s"] / t["tokens_per_s"] for x, t in zip(rs, trl,
                                                                                   strict=True)]
                           if trl else [])
@@ -254,8 +257,9 @@ def side_env(policy: str) -> dict[str, str]:
 def table(results: list[dict]) -> str:
     rows = []
     for r in results:
-        ratio = f"{r['ratio_vs_trl']:.2f}x" if r["side"] != "trl" and r["ratio_vs_trl"] else "-"
-        per = ", ".join(f"{x:.2f}" for x in r["round_ratios"]) if r["side"] != "trl" else ""
+        is_ref = r["side"] in ("trl", "trl_compile")
+        ratio = f"{r['ratio_vs_trl']:.2f}x" if not is_ref and r["ratio_vs_trl"] else "-"
+        per = ", ".join(f"{x:.2f}" for x in r["round_ratios"]) if not is_ref else ""
         rows.append([r["workload"], r["side"], f"{r['tokens_per_s']:.0f}",
                      f"{r['s_per_step']:.2f}", ratio, per, f"{r['peak_rss_mb']:.0f}",
                      f"{100 * r['mfu']:.1f}%", f"{100 * r['mfu_full_head']:.1f}%",
@@ -272,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("bench", choices=["sft", "_side"])
     p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
     p.add_argument("--sides", default="posttrain,trl",
-                   help="posttrain, trl, trl_malloc (TRL with posttrain's allocator settings)")
+                   help="posttrain, trl, trl_malloc (TRL with posttrain's allocator settings); "
+                        "a _compile suffix (posttrain_compile, trl_compile) runs that side "
+                        "with torch.compile (posttrain compile=true, TRL torch_compile=True)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per side")
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--side")
     p.add_argument("--data")
     p.add_argument("--model-dir")
+    p.add_argument("--compile", action="store_true")
     a = p.parse_args(argv)
     if a.bench == "_side":
         run_one_side(a)

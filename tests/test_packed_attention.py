@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from posttrain.data.batching import pack, pad
@@ -84,3 +85,70 @@ def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
                                                            is_causal=True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)  # fp32 math, one rounding
+
+
+def _sequence(length: int, heads: int, kv_heads: int, dim: int = 16, seed: int = 0):
+    """q, k fp32 and v bf16 (the dtypes RoPE and a bf16 v_proj hand attention under autocast),
+    each (1, heads, length, dim) with the (1, length, heads, dim) memory layout of a model."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, length, heads, dim, generator=g).transpose(1, 2)
+    k = torch.randn(1, length, kv_heads, dim, generator=g).transpose(1, 2)
+    v = torch.randn(1, length, kv_heads, dim, generator=g).bfloat16().transpose(1, 2)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _reference_attention(q, k, v):
+    """fp32 SDPA on the same values: (1, l, H, D) and the three input gradients."""
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q32, k32, v32, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+    return out, q32, k32, v32
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)], ids=["gqa", "mha"])
+def test_matmul_attention_matches_fp32_sdpa_in_values_and_grads(heads: int, kv_heads: int):
+    """The probabilities and score gradients are bf16 (fp32 accumulation): each result is
+    within a few bf16 roundings of the fp32 kernel's (relative error ~2^-8 = 0.4%)."""
+    from posttrain.models.attention import CausalMatmulAttention
+
+    q, k, v = _sequence(37, heads, kv_heads)
+    out = CausalMatmulAttention.apply(q, k, v, 16**-0.5)
+    ref, q32, k32, v32 = _reference_attention(q, k, v)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.bfloat16())
+    ref.backward(grad.bfloat16().float())
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+    assert _rel(out, ref) < 1e-2
+    for mine, theirs in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        assert _rel(mine, theirs) < 1.5e-2
+    # causality: the first query attends only to the first key, so its output is v[0]
+    torch.testing.assert_close(out[0, 0].float(), v[0, :, 0].float().repeat_interleave(
+        heads // kv_heads, 0), atol=0, rtol=0)
+
+
+def test_varlen_attention_takes_matmul_path_only_for_short_training_sequences(monkeypatch):
+    import posttrain.models.attention as attn
+
+    calls: list[int] = []
+    real = attn.CausalMatmulAttention.apply
+    monkeypatch.setattr(attn.CausalMatmulAttention, "apply",
+                        lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    monkeypatch.setattr(attn, "MATMUL_ATTENTION_MAX_LEN", 20)
+    lengths = [7, 25, 12]
+    q, k, v = _sequence(sum(lengths), 6, 2)
+    out = attn._varlen_sdpa(q, k, v, lengths, None)
+    assert calls == [7, 12]  # the 25-token sequence took the flash kernel
+    pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
+    ref = torch.cat([_reference_attention(a, b, c)[0] for a, b, c in pieces], 1)
+    assert out.dtype == torch.float32 and _rel(out, ref) < 1e-2
+    out.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))
+    calls.clear()
+    with torch.no_grad():  # inference: the fp32 flash kernel, as before
+        attn._varlen_sdpa(q, k, v, lengths, None)
+    assert calls == []

@@ -126,6 +126,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations to save memory"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the decoder layers' training forward (fuses "
+                          "elementwise ops; the first step compiles)"},
+    )
     resume: bool = field(
         default=False, metadata={"help": "continue from the last checkpoint in output_dir"}
     )

@@ -20,6 +20,14 @@ on CPU every path of this attention computes in fp32 even under bf16 autocast (m
 too; the matmuls around it stay bf16). The packed row is cut with ``split`` (its backward is
 one concatenation) rather than slicing (whose backward zero-fills a full-row gradient per
 sequence).
+
+Under bf16 autocast, sequences of up to ``MATMUL_ATTENTION_MAX_LEN`` tokens take
+``causal_matmul_attention`` instead of the fp32 flash kernel: the precision split of GPU
+flash attention (scores and their gradient accumulated in fp32, probabilities and score
+gradients in bf16 for the value/query/key products) with the l x l products as GEMMs, which
+run near the machine's bf16 matmul peak where the CPU flash kernel reaches ~50 GFLOP/s.
+SmolLM2-135M shapes (8 sequences of 60-368 tokens, H=9, H_kv=3, D=64; fwd + bwd per layer):
+23-31 ms vs 32-39 ms for the fp32 flash kernel (benchmarks/README_sft.md).
 """
 
 from __future__ import annotations
@@ -61,13 +69,92 @@ def cpu_fp32_sdpa(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> T
     return out.to(query.dtype)
 
 
+# The matmul path keeps each sequence's (H, l, l) bf16 probabilities for the backward:
+# 4.7 MB per layer at l = 512 for SmolLM2's 9 heads; longer sequences take the flash kernel.
+MATMUL_ATTENTION_MAX_LEN = 512
+
+_FUTURE = torch.ones(0, 0, dtype=torch.bool)
+
+
+def _future_mask(length: int) -> Tensor:
+    """(l, l) bool, True above the diagonal (keys a query must not see); one cached copy."""
+    global _FUTURE
+    if _FUTURE.shape[0] < length:
+        _FUTURE = torch.ones(length, length, dtype=torch.bool).triu_(1)
+    return _FUTURE[:length, :length]
+
+
+class CausalMatmulAttention(torch.autograd.Function):
+    """Causal attention of one sequence with explicit l x l scores, for CPU mixed precision.
+
+    q (1, H, l, D), k (1, H_kv, l, D) (any float dtype; fp32 after RoPE under autocast),
+    v (1, H_kv, l, D) in the low dtype ``v.dtype`` -> (1, l, H, D) in ``v.dtype``.
+    Head h reads K/V head h // g, g = H / H_kv. With S = scale q k^T (fp32),
+    P = softmax(S + causal mask) (stored in the low dtype), O = P v:
+
+        dV = P^T dO,   dP = dO v^T (fp32),   dS = P * (dP - rowsum(dO * O)),
+        dQ = scale dS k,   dK = scale dS^T q,
+
+    the products with P and dS in the low dtype (fp32 accumulation), as flash attention does
+    on GPUs. Autocast is off inside: the dtypes above are this function's choice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        _, heads, length, dim = q.shape
+        groups = heads // k.shape[1]
+        with torch.autocast("cpu", enabled=False):
+            q4 = (q[0].float() * scale).view(-1, groups, length, dim)  # (H_kv, g, l, D)
+            scores = torch.matmul(q4, k[0].float().unsqueeze(1).transpose(-1, -2))
+            scores.masked_fill_(_future_mask(length), float("-inf"))  # (H_kv, g, l, l)
+            probs = torch.softmax(scores, -1).to(v.dtype)
+            del scores
+            out = torch.matmul(probs, v[0].unsqueeze(1))  # (H_kv, g, l, D)
+            out = out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, probs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        q, k, v, probs, out = ctx.saved_tensors
+        kv_heads, groups, length, _ = probs.shape
+        low = v.dtype
+        with torch.autocast("cpu", enabled=False):
+            d_out = grad_out[0].transpose(0, 1).reshape(kv_heads, groups, length, -1)
+            o4 = out[0].transpose(0, 1).reshape(kv_heads, groups, length, -1)
+            d_v = torch.matmul(probs.transpose(-1, -2), d_out.to(low)).sum(1)  # (H_kv, l, D)
+            d_out32 = d_out.float()
+            d_p = torch.matmul(d_out32, v[0].float().unsqueeze(1).transpose(-1, -2))
+            delta = (d_out32 * o4.float()).sum(-1, keepdim=True)  # (H_kv, g, l, 1)
+            d_s = d_p.sub_(delta).mul_(probs).to(low)
+            del d_p
+            d_q = torch.matmul(d_s, k[0].to(low).unsqueeze(1)).mul_(ctx.scale)
+            q4 = q[0].to(low).view(kv_heads, groups, length, -1)
+            d_k = torch.matmul(d_s.transpose(-1, -2), q4).sum(1).mul_(ctx.scale)
+        return (d_q.view(q.shape).to(q.dtype), d_k.unsqueeze(0).to(k.dtype),
+                d_v.unsqueeze(0).to(v.dtype), None)
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scaling: float | None) -> Tensor:
+    """One sequence (1, H, l, D), (1, H_kv, l, D) x2 -> (1, l, H, D)."""
+    length = q.shape[2]
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (training and q.device.type == "cpu" and v.dtype == torch.bfloat16
+            and 1 < length <= MATMUL_ATTENTION_MAX_LEN):
+        return CausalMatmulAttention.apply(q, k, v, scaling or q.shape[-1] ** -0.5)
+    if q.device.type == "cpu":  # fp32 flash kernel (see the module doc)
+        q, k, v = q.float(), k.float(), v.float()
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)  # (1, l, H, D); the caller's cat makes it contiguous
+
+
 def _varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, lengths: list[int],
                  scaling: float | None) -> Tensor:
-    """(1, H, N, D), (1, H_kv, N, D) x2 -> (1, N, H, D): causal SDPA per sequence."""
-    gqa = query.shape[1] != key.shape[1]
+    """(1, H, N, D), (1, H_kv, N, D) x2 -> (1, N, H, D): causal attention per sequence."""
     outs = [
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        .transpose(1, 2)  # (1, l, H, D); the cat below makes the result contiguous
+        _causal_attention(q, k, v, scaling).to(query.dtype)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2),
                            value.split(lengths, 2), strict=True)
     ]
@@ -96,6 +183,8 @@ def _cpu_decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tenso
     return out.view(B, 1, H, D).to(query.dtype)
 
 
+# Eager even inside a compiled layer (models/compile.py): the loop depends on the lengths.
+@torch.compiler.disable
 def packed_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -128,11 +217,8 @@ def packed_attention_forward(
                                             **kwargs)
         return out.to(query.dtype), None
     lengths = (cu[1:] - cu[:-1]).tolist()
-    if not on_cpu:
-        return _varlen_sdpa(query, key, value, lengths, scaling), None
     with torch.autocast("cpu", enabled=False):  # our dtype choice, not autocast's bf16
-        out = _varlen_sdpa(query.float(), key.float(), value.float(), lengths, scaling)
-    return out.to(query.dtype), None
+        return _varlen_sdpa(query, key, value, lengths, scaling), None
 
 
 def _enter_varlen(module: nn.Module, args: tuple, kwargs: dict) -> None:

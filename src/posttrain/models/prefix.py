@@ -80,6 +80,7 @@ class PrefixGather:
         return PrefixGather(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+@torch.compiler.disable  # eager inside a compiled layer, as packed_attention_forward
 def prefix_attention_forward(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,

@@ -22,6 +22,7 @@ from transformers import get_scheduler
 
 from posttrain.config import TrainConfig, config_to_dict
 from posttrain.errors import TrainingError
+from posttrain.models.compile import compile_decoder_layers
 from posttrain.models.lora import save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
@@ -99,6 +100,8 @@ class Engine:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
             model.config.use_cache = False
+        if cfg.compile:
+            compile_decoder_layers(model)
         self.optimizer = make_adamw(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                     weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(
