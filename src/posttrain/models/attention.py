@@ -22,7 +22,7 @@ one concatenation) rather than slicing (whose backward zero-fills a full-row gra
 sequence).
 
 Under bf16 autocast, sequences of up to ``MATMUL_ATTENTION_MAX_LEN`` tokens take
-``causal_matmul_attention`` instead of the fp32 flash kernel: the precision split of GPU
+``CausalMatmulAttention`` instead of the fp32 flash kernel: the precision split of GPU
 flash attention (scores and their gradient accumulated in fp32, probabilities and score
 gradients in bf16 for the value/query/key products) with the l x l products as GEMMs, which
 run near the machine's bf16 matmul peak where the CPU flash kernel reaches ~50 GFLOP/s.
@@ -154,11 +154,12 @@ def _varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, lengths: list[int],
                  scaling: float | None) -> Tensor:
     """(1, H, N, D), (1, H_kv, N, D) x2 -> (1, N, H, D): causal attention per sequence."""
     outs = [
-        _causal_attention(q, k, v, scaling).to(query.dtype)
+        _causal_attention(q, k, v, scaling)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2),
                            value.split(lengths, 2), strict=True)
     ]
-    return torch.cat(outs, dim=1)
+    out = torch.cat(outs, dim=1)  # promotes a mix of bf16 (matmul) and fp32 (flash) pieces
+    return out.to(query.dtype) if query.device.type == "cpu" else out
 
 
 def _cpu_decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
