@@ -215,8 +215,9 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
             peak = statistics.median(peaks)
             for side, rs in runs.items():
                 # compiled sides are compared with compiled TRL when it ran
-                trl = runs.get("trl_compile" if side.endswith("_compile") else "trl",
-                               runs.get("trl"))
+                ref = ("trl_compile" if side.endswith("_compile") and "trl_compile" in runs
+                       else "trl" if "trl" in runs else None)
+                trl = runs.get(ref)
                 ratios = ([x["tokens_per_s"] / t["tokens_per_s"] for x, t in zip(rs, trl,
                                                                                   strict=True)]
                           if trl else [])
@@ -226,7 +227,7 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                     "s_per_step": statistics.median(x["s_per_step"] for x in rs),
                     "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
                     "ratio_vs_trl": statistics.median(ratios) if ratios else None,
-                    "round_ratios": ratios, "rounds": rs, "peak_flops": peak,
+                    "round_ratios": ratios, "reference": ref, "rounds": rs, "peak_flops": peak,
                     "flops_per_token": fpt, "mfu": tps * fpt / peak,
                     "mfu_full_head": tps * fpt_all / peak, "min_len": min(lens),
                     "max_len": max(lens), "mean_len": sum(lens) / len(lens),
@@ -257,7 +258,7 @@ def side_env(policy: str) -> dict[str, str]:
 def table(results: list[dict]) -> str:
     rows = []
     for r in results:
-        is_ref = r["side"] in ("trl", "trl_compile")
+        is_ref = r["side"] == r["reference"]
         ratio = f"{r['ratio_vs_trl']:.2f}x" if not is_ref and r["ratio_vs_trl"] else "-"
         per = ", ".join(f"{x:.2f}" for x in r["round_ratios"]) if not is_ref else ""
         rows.append([r["workload"], r["side"], f"{r['tokens_per_s']:.0f}",
