@@ -159,13 +159,25 @@ def side_trl(a: argparse.Namespace, rows: list[dict], out: Path) -> StepClock:
     return clock
 
 
+def warmup_throughput(clock: StepClock, warmup: int) -> float:
+    """Tokens/s over warm-up steps 2..``warmup`` (step 1 holds compilation): the cold figure,
+    while the process's memory is still being touched for the first time."""
+    if warmup < 2:
+        return float("nan")
+    return sum(clock.tokens[1:warmup]) / (clock.ends[warmup - 1] - clock.ends[0])
+
+
 def run_one_side(a: argparse.Namespace) -> None:
+    from posttrain.train.allocator import preloaded_allocator
+
     data = json.loads(Path(a.data).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         fn = side_posttrain if a.side == "posttrain" else side_trl
         clock = fn(a, data["rows"], Path(tmp))
     result = throughput(clock, a.warmup)
-    result.update(side=a.side, peak_rss_mb=peak_rss_mb(), step_times=[
+    result.update(side=a.side, peak_rss_mb=peak_rss_mb(), allocator=preloaded_allocator()
+                  or "glibc", warmup_tokens_per_s=warmup_throughput(clock, a.warmup),
+                  step_times=[
         round(t1 - t0, 3) for t0, t1 in zip([clock.start, *clock.ends[:-1]], clock.ends,
                                             strict=True)])
     print(json.dumps(result))
@@ -185,7 +197,8 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
         for workload in a.workloads.split(","):
             mdir = model_dir(workload, root)
             tok = AutoTokenizer.from_pretrained(mdir)
-            rows = make_rows(tok, a.steps * a.batch_size, WORKLOADS[workload][1], a.seed)
+            rows = make_rows(tok, (a.epoch_steps or a.steps) * a.batch_size,
+                             WORKLOADS[workload][1], a.seed)
             lens = [len(r["input_ids"]) for r in rows]
             data = root / f"{workload}.json"
             data.write_text(json.dumps({"rows": rows}))
@@ -206,21 +219,20 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                     load = os.getloadavg()[0]
                     base, *flags = side.split("_")
                     r = run_side([*common, "--side", base, *(["--compile"] * ("compile" in flags))],
-                                 env={**env, **MALLOC_ENV} if "malloc" in flags else env)
+                                 env=side_allocator_env(env, base, flags))
                     r.update(load_before=load, load_after=os.getloadavg()[0])
                     runs[side].append(r)
                     print(f"  round {rnd} {workload:8s} {side:9s} {r['tokens_per_s']:9.1f} "
-                          f"tok/s  load {load:.1f}->{r['load_after']:.1f}  "
+                          f"tok/s ({r['allocator']}; warm-up {r['warmup_tokens_per_s']:.1f})  "
+                          f"load {load:.1f}->{r['load_after']:.1f}  "
                           f"steps {r['step_times']}", file=sys.stderr, flush=True)
             peak = statistics.median(peaks)
             for side, rs in runs.items():
                 # compiled sides are compared with compiled TRL when it ran
                 ref = ("trl_compile" if side.endswith("_compile") and "trl_compile" in runs
                        else "trl" if "trl" in runs else None)
-                trl = runs.get(ref)
-                ratios = ([x["tokens_per_s"] / t["tokens_per_s"] for x, t in zip(rs, trl,
-                                                                                  strict=True)]
-                          if trl else [])
+                ratios = round_ratios(rs, runs.get(ref))
+                same_alloc = round_ratios(rs, runs.get("trl_malloc"))
                 tps = statistics.median(x["tokens_per_s"] for x in rs)
                 results.append({
                     "workload": workload, "side": side, "tokens_per_s": tps,
@@ -228,6 +240,10 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
                     "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
                     "ratio_vs_trl": statistics.median(ratios) if ratios else None,
                     "round_ratios": ratios, "reference": ref, "rounds": rs, "peak_flops": peak,
+                    "ratio_vs_trl_malloc": statistics.median(same_alloc) if same_alloc else None,
+                    "allocator": rs[0]["allocator"],
+                    "warmup_tokens_per_s": statistics.median(x["warmup_tokens_per_s"]
+                                                             for x in rs),
                     "flops_per_token": fpt, "mfu": tps * fpt / peak,
                     "mfu_full_head": tps * fpt_all / peak, "min_len": min(lens),
                     "max_len": max(lens), "mean_len": sum(lens) / len(lens),
@@ -236,9 +252,34 @@ def bench_sft(a: argparse.Namespace) -> list[dict]:
     return results
 
 
-# posttrain's engine sets these through mallopt (``posttrain.train.allocator``); the side
-# ``trl_malloc`` gives TRL the same allocator settings through glibc's environment variables.
+def round_ratios(ours: list[dict], peer: list[dict] | None) -> list[float]:
+    """Per-round tokens/s ratios (round i of ours over round i of the peer)."""
+    return ([x["tokens_per_s"] / t["tokens_per_s"] for x, t in zip(ours, peer, strict=True)]
+            if peer else [])
+
+
+# posttrain's engine sets these through mallopt under glibc (``posttrain.train.allocator``).
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def side_allocator_env(env: dict[str, str], base: str, flags: list[str]) -> dict[str, str]:
+    """The host allocator each side starts with.
+
+    ``posttrain``: what the ``posttrain`` command starts with (``allocator_env``: tcmalloc or
+    jemalloc when installed, else glibc with the engine's in-process tuning); ``_glibc``
+    forces glibc. ``trl``: what a TRL user's ``python`` starts with, glibc's defaults.
+    ``trl_malloc``: TRL under posttrain's allocator (the preloaded library, or glibc's
+    environment variables for the same tuning when none is installed), so a ratio against it
+    isolates everything but the allocator."""
+    from posttrain.train.allocator import CHOICE_VAR, allocator_env
+
+    if "glibc" in flags:
+        return {**env, CHOICE_VAR: "glibc"}
+    if base == "posttrain":
+        return {**env, **allocator_env(env)}
+    if "malloc" in flags:
+        return {**env, **(allocator_env(env) or MALLOC_ENV)}
+    return env
 
 
 def side_env(policy: str) -> dict[str, str]:
@@ -261,13 +302,17 @@ def table(results: list[dict]) -> str:
         is_ref = r["side"] == r["reference"]
         ratio = f"{r['ratio_vs_trl']:.2f}x" if not is_ref and r["ratio_vs_trl"] else "-"
         per = ", ".join(f"{x:.2f}" for x in r["round_ratios"]) if not is_ref else ""
-        rows.append([r["workload"], r["side"], f"{r['tokens_per_s']:.0f}",
-                     f"{r['s_per_step']:.2f}", ratio, per, f"{r['peak_rss_mb']:.0f}",
+        same = r["ratio_vs_trl_malloc"]
+        same = f"{same:.2f}x" if same and r["side"] != "trl_malloc" else "-"
+        rows.append([r["workload"], r["side"], r["allocator"], f"{r['tokens_per_s']:.0f}",
+                     f"{r['warmup_tokens_per_s']:.0f}", f"{r['s_per_step']:.2f}", ratio, per,
+                     same, f"{r['peak_rss_mb']:.0f}",
                      f"{100 * r['mfu']:.1f}%", f"{100 * r['mfu_full_head']:.1f}%",
                      f"{r['peak_flops'] / 1e9:.0f}",
                      f"{r['min_len']}-{r['max_len']} (mean {r['mean_len']:.0f})",
                      " ".join(map(str, r["load"]))])
-    return format_table(["workload", "side", "tokens/s", "s/step", "vs TRL", "per round",
+    return format_table(["workload", "side", "allocator", "tokens/s", "warm-up tokens/s",
+                         "s/step", "vs TRL", "per round", "vs TRL same allocator",
                          "peak RSS MiB", "MFU", "MFU (6N, full head)", "bf16 peak GFLOP/s",
                          "seq len", "load"], rows)
 
@@ -277,11 +322,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("bench", choices=["sft", "_side"])
     p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
     p.add_argument("--sides", default="posttrain,trl",
-                   help="posttrain, trl, trl_malloc (TRL with posttrain's allocator settings); "
-                        "a _compile suffix (posttrain_compile, trl_compile) runs that side "
-                        "with torch.compile (posttrain compile=true, TRL torch_compile=True)")
+                   help="posttrain, trl, trl_malloc (TRL with posttrain's allocator); a "
+                        "_compile suffix (posttrain_compile, trl_compile) runs that side with "
+                        "torch.compile (posttrain compile=true, TRL torch_compile=True); a "
+                        "_glibc suffix runs posttrain without a preloaded allocator")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per side")
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
+    p.add_argument("--epoch-steps", type=int, default=0,
+                   help="batches in the dataset (default: --steps); with --steps 16 --warmup 8 "
+                        "--epoch-steps 8 the timed steps are a second epoch over the warm-up's "
+                        "data: steady state, past the process's first touch of its memory")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--max-length", type=int, default=512)
@@ -301,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         run_one_side(a)
         return
     results = bench_sft(a)
+    epoch = a.epoch_steps or a.steps
     print(f"\nSFT: posttrain vs TRL, batch {a.batch_size} sequences, {a.steps} steps "
-          f"({a.warmup} warm-up), {a.rounds} rounds, bf16 autocast, torch threads "
+          f"({a.warmup} warm-up, {epoch} per epoch), {a.rounds} rounds, bf16 autocast, threads "
           f"{torch.get_num_threads()}, OMP_WAIT_POLICY {a.omp_wait_policy}\n")
     print(table(results))
     if a.json:

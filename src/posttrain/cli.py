@@ -243,5 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``posttrain`` command: re-executes once under tcmalloc/jemalloc when one is
+    installed (CPU steps reuse warm pages; ``train/allocator.py``), then runs ``main``."""
+    from posttrain.train.allocator import reexec_with_allocator
+
+    reexec_with_allocator()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -16,6 +16,19 @@ set size does not shrink after a peak) for the next step's allocations. (Page fa
 always gone: a probe that allocates one 64 MiB tensor per step still faults some steps in
 again; the step-time gain above is what was measured.) Set ``POSTTRAIN_MALLOC_TUNING=0`` to
 keep glibc's defaults.
+
+Better still is a size-class allocator, tcmalloc (preferred) or jemalloc, preloaded at start:
+glibc's heap fragments under a training step's mix of sizes and keeps growing for dozens of
+steps (SmolLM2-135M SFT, variable lengths: resident set 4.6 -> 5.9 GiB over steps 8-24, ~30k
+fresh pages on most steps), and on a VM whose memory the host backs lazily a fresh page costs
+~38 us (1 GiB first touch: 9.9 s; the same pages touched again: 0.43 s). Measured over steps
+9-24 of that run (compiled, 2 cores): glibc + ``mallopt`` 415 tok/s, 10.8 s in the kernel,
+303k page faults; jemalloc 535 tok/s; tcmalloc 616 tok/s, 0.2 s in the kernel, 1.8k faults.
+An allocator can only be chosen before the process starts, so the ``posttrain`` command
+re-executes itself once with ``LD_PRELOAD`` set (``reexec_with_allocator``; the environment
+variable ``POSTTRAIN_ALLOCATOR`` = ``auto`` (default: tcmalloc, else jemalloc, else glibc),
+``tcmalloc``, ``jemalloc`` or ``glibc``). Python API users get the same with
+``allocator_env()``'s variables in the environment of their own process (docs/training.md).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import ctypes.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("posttrain")
 
@@ -43,6 +57,8 @@ def keep_freed_memory() -> bool:
         return True
     if sys.platform != "linux" or os.environ.get("POSTTRAIN_MALLOC_TUNING", "1") == "0":
         return False
+    if preloaded_allocator():
+        return False  # glibc's heap is not the one in use
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt  # absent in musl
@@ -54,3 +70,121 @@ def keep_freed_memory() -> bool:
     if not _done:
         log.debug("mallopt refused the allocator settings; keeping glibc's defaults")
     return _done
+
+
+# ---- a preloaded size-class allocator ------------------------------------------------------
+
+ALLOCATOR_LIBS = {
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+    "jemalloc": ("libjemalloc.so.2",),
+}
+# Both never hand freed memory back to the OS here: the point is that steps reuse warm pages.
+ALLOCATOR_SETTINGS = {
+    "tcmalloc": {"TCMALLOC_RELEASE_RATE": "0",
+                 "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
+    "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"},
+}
+CHOICE_VAR = "POSTTRAIN_ALLOCATOR"
+_REEXEC_GUARD = "_POSTTRAIN_ALLOCATOR_REEXEC"
+
+
+def _lib_dirs() -> list[Path]:
+    dirs = [Path(sys.prefix) / "lib", Path("/usr/local/lib")]
+    dirs += sorted(Path("/usr/lib").glob("*-linux-gnu")) + [Path("/usr/lib64"), Path("/usr/lib")]
+    return dirs
+
+
+def find_allocator(choice: str = "auto",
+                   dirs: list[Path] | None = None) -> tuple[str, Path] | None:
+    """``(name, library path)`` of the allocator ``choice`` selects, or None (glibc).
+
+    ``auto`` takes tcmalloc, else jemalloc, whichever is installed (Debian/Ubuntu:
+    ``apt-get install libtcmalloc-minimal4``); ``glibc`` always gives None. An explicit
+    ``tcmalloc``/``jemalloc`` that is not installed raises ``ValueError``."""
+    choice = choice.strip().lower() or "auto"
+    if choice == "glibc":
+        return None
+    if choice != "auto" and choice not in ALLOCATOR_LIBS:
+        raise ValueError(f"{CHOICE_VAR}={choice!r}: expected auto, tcmalloc, jemalloc or glibc")
+    names = list(ALLOCATOR_LIBS) if choice == "auto" else [choice]
+    for name in names:
+        for d in dirs if dirs is not None else _lib_dirs():
+            for lib in ALLOCATOR_LIBS[name]:
+                if (d / lib).is_file():
+                    return name, d / lib
+    if choice != "auto":
+        raise ValueError(f"{CHOICE_VAR}={choice}: none of {ALLOCATOR_LIBS[choice]} is installed "
+                         f"(looked in {', '.join(map(str, dirs or _lib_dirs()))})")
+    return None
+
+
+def preloaded_allocator() -> str | None:
+    """The size-class allocator mapped into this process, if any (Linux ``/proc``)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    return next((name for name, libs in ALLOCATOR_LIBS.items()
+                 if any(lib.split(".so")[0] + ".so" in maps for lib in libs)), None)
+
+
+def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables to add to ``environ`` (default ``os.environ``) so a new process starts
+    with the allocator ``POSTTRAIN_ALLOCATOR`` selects: ``LD_PRELOAD`` (prepended to any
+    existing one) and the allocator's keep-memory settings; empty when glibc is chosen, none
+    is installed, or ``LD_PRELOAD`` already names that library."""
+    environ = dict(os.environ if environ is None else environ)
+    if sys.platform != "linux":
+        return {}
+    found = find_allocator(environ.get(CHOICE_VAR, "auto"))
+    if found is None:
+        return {}
+    name, lib = found
+    preload = environ.get("LD_PRELOAD", "")
+    if str(lib) in preload.replace(":", " ").split():
+        return {}
+    settings = {k: v for k, v in ALLOCATOR_SETTINGS[name].items() if k not in environ}
+    return {"LD_PRELOAD": f"{lib} {preload}".strip(), **settings}
+
+
+def reexec_with_allocator(argv: list[str] | None = None) -> None:
+    """Replace this process by itself with ``allocator_env()`` applied (see the module doc);
+    returns without doing anything when there is nothing to add, or once re-executed."""
+    if os.environ.get(_REEXEC_GUARD):
+        return
+    try:
+        extra = allocator_env()
+    except ValueError as e:
+        log.warning("%s; keeping glibc's allocator", e)
+        return
+    if not extra:
+        return
+    env = {**os.environ, **extra, _REEXEC_GUARD: "1"}
+    argv = list(sys.orig_argv if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+
+
+_hinted = False
+
+
+def use_warm_host_memory() -> str:
+    """Called by the engine on CPU: the allocator in use (``tcmalloc``, ``jemalloc`` or
+    ``glibc``). Under glibc it applies ``keep_freed_memory()`` and, once per process, tells a
+    Python API user how to start with an installed size-class allocator instead."""
+    global _hinted
+    name = preloaded_allocator()
+    if name:
+        return name
+    keep_freed_memory()
+    try:
+        extra = allocator_env()
+    except ValueError:
+        extra = {}
+    if extra and not _hinted:
+        _hinted = True
+        settings = " ".join(f"{k}='{v}'" for k, v in extra.items())
+        log.info("CPU steps run faster with a size-class allocator; start Python with %s "
+                 "(the posttrain command does this itself)", settings)
+    return "glibc"

@@ -26,7 +26,7 @@ from posttrain.models.compile import compile_decoder_layers
 from posttrain.models.lora import save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
-from posttrain.train.allocator import keep_freed_memory
+from posttrain.train.allocator import use_warm_host_memory
 from posttrain.train.metrics import MetricsLogger
 from posttrain.train.progress import Progress
 
@@ -91,7 +91,8 @@ class Engine:
         self.run_dir, self.total_steps = run_dir, total_steps
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
-            keep_freed_memory()  # every step reuses warm pages (train/allocator.py)
+            allocator = use_warm_host_memory()  # steps reuse warm pages (train/allocator.py)
+            log.debug("host allocator: %s", allocator)
         self.dist = ddp.current()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
