@@ -166,25 +166,28 @@ def reexec_with_allocator(argv: list[str] | None = None) -> None:
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
-_hinted = False
+_reported = False
 
 
 def use_warm_host_memory() -> str:
     """Called by the engine on CPU: the allocator in use (``tcmalloc``, ``jemalloc`` or
-    ``glibc``). Under glibc it applies ``keep_freed_memory()`` and, once per process, tells a
-    Python API user how to start with an installed size-class allocator instead."""
-    global _hinted
+    ``glibc``), logged once per process. Under glibc it applies ``keep_freed_memory()`` and
+    tells a Python API user how to start with an installed size-class allocator instead."""
+    global _reported
     name = preloaded_allocator()
-    if name:
-        return name
-    keep_freed_memory()
+    if name is None:
+        keep_freed_memory()
+    if _reported:
+        return name or "glibc"
+    _reported = True
     try:
-        extra = allocator_env()
+        extra = {} if name else allocator_env()
     except ValueError:
         extra = {}
-    if extra and not _hinted:
-        _hinted = True
+    if extra:
         settings = " ".join(f"{k}='{v}'" for k, v in extra.items())
-        log.info("CPU steps run faster with a size-class allocator; start Python with %s "
+        log.info("host allocator: glibc; CPU steps run faster with %s set when Python starts "
                  "(the posttrain command does this itself)", settings)
-    return "glibc"
+    else:
+        log.info("host allocator: %s", name or "glibc")
+    return name or "glibc"

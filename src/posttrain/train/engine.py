@@ -91,8 +91,7 @@ class Engine:
         self.run_dir, self.total_steps = run_dir, total_steps
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
-            allocator = use_warm_host_memory()  # steps reuse warm pages (train/allocator.py)
-            log.debug("host allocator: %s", allocator)
+            use_warm_host_memory()  # steps reuse warm pages (train/allocator.py)
         self.dist = ddp.current()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
