@@ -12,7 +12,11 @@ autocast over fp32 master weights, the same micro-batch (sequences), the same pr
 rows with the same loss mask, fused AdamW (torch; transformers' default ``adamw_torch_fused``),
 constant LR, grad-norm clip 1.0, gradient checkpointing off, no grad accumulation; TRL runs
 ``padding_free=True`` (its packing without padding), posttrain its default packed varlen path.
-Both sides get the same threading environment (``--omp-wait-policy``).
+Both sides get the same threading environment (``--omp-wait-policy``). Each side starts with
+the host allocator its users get (``side_allocator_env``): posttrain the tcmalloc/jemalloc the
+``posttrain`` command preloads when installed, TRL glibc, ``trl_malloc`` TRL under posttrain's.
+``--epoch-steps`` makes the timed steps a further epoch over the warm-up's batches (steady
+state: a process's first steps pay the first touch of its memory, slow on a VM).
 """
 
 from __future__ import annotations

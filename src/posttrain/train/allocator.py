@@ -1,4 +1,8 @@
-"""Keep freed host memory inside the process (glibc) so training steps reuse warm pages.
+"""Host memory for CPU training: steps should reuse warm pages, not fault in fresh ones.
+
+Two mechanisms: a size-class allocator (tcmalloc or jemalloc) preloaded when the process
+starts, which the ``posttrain`` command arranges itself (second half of this doc), and, when
+glibc's allocator is the one in use, ``keep_freed_memory()``.
 
 glibc serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB) with a fresh
 ``mmap`` and returns it with ``munmap`` when freed. A training step on CPU allocates and
@@ -6,8 +10,7 @@ frees the same large tensors every step (SmolLM2-135M: the (targets, 49152) fp32
 their gradient, ~200 MB each; activations; gradients), so each step page-faults all of them
 in again and the kernel zero-fills every page: measured on the 2-core CPU, SFT steps of
 ~1500 tokens took 6.5-7.5 s with glibc's defaults and 5.8-6.3 s with mmap disabled and no
-trimming (-12% to -20%). This is the effect tcmalloc or jemalloc give CPU training, without
-an ``LD_PRELOAD``.
+trimming (-12% to -20%).
 
 ``keep_freed_memory()`` sets, through ``mallopt``, what the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` set at start-up: no mmap for large
