@@ -72,36 +72,20 @@ def cpu_fp32_sdpa(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> T
 # The matmul path keeps each sequence's (H, l, l) bf16 probabilities for the backward:
 # 4.7 MB per layer at l = 512 for SmolLM2's 9 heads; longer sequences take the flash kernel.
 MATMUL_ATTENTION_MAX_LEN = 512
-# From this length on, the queries are split in two halves: the first half never reads the
-# second half's keys, so its scores are (l/2, l/2) instead of (l/2, l) and a quarter of the
-# score work is skipped. SmolLM2-135M shapes, 8 sequences of 46-398 tokens, one layer fwd +
-# bwd, 40 interleaved pairs on the idle 2-core CPU: 0.89 of the unsplit time at this threshold
-# (0.92 at 128, 0.90 at 256). A whole compiled SFT step, 16 same-batch pairs: median 0.98,
-# within that A/B's noise (attention is ~22% of a step).
-MATMUL_ATTENTION_SPLIT_LEN = 192
 
 _FUTURE = torch.ones(0, 0, dtype=torch.bool)
 
 
-def _future_mask(rows: int, cols: int, offset: int = 0) -> Tensor:
-    """(rows, cols) bool, True where key j lies after query offset + i (must not be seen);
-    views of one cached upper-triangular matrix."""
+def _future_mask(length: int) -> Tensor:
+    """(l, l) bool, True above the diagonal (keys a query must not see); one cached copy."""
     global _FUTURE
-    size = max(offset + rows, cols)
-    if _FUTURE.shape[0] < size:
-        _FUTURE = torch.ones(size, size, dtype=torch.bool).triu_(1)
-    return _FUTURE[offset:offset + rows, :cols]
-
-
-def _query_blocks(length: int) -> list[tuple[int, int]]:
-    """Query rows [a, b) of each block; block [a, b) attends keys [0, b)."""
-    if length < MATMUL_ATTENTION_SPLIT_LEN:
-        return [(0, length)]
-    return [(0, length // 2), (length // 2, length)]
+    if _FUTURE.shape[0] < length:
+        _FUTURE = torch.ones(length, length, dtype=torch.bool).triu_(1)
+    return _FUTURE[:length, :length]
 
 
 class CausalMatmulAttention(torch.autograd.Function):
-    """Causal attention of one sequence with explicit scores, for CPU mixed precision.
+    """Causal attention of one sequence with explicit l x l scores, for CPU mixed precision.
 
     q (1, H, l, D), k (1, H_kv, l, D) (any float dtype; fp32 after RoPE under autocast),
     v (1, H_kv, l, D) in the low dtype ``v.dtype`` -> (1, l, H, D) in ``v.dtype``.
@@ -112,59 +96,42 @@ class CausalMatmulAttention(torch.autograd.Function):
         dQ = scale dS k,   dK = scale dS^T q,
 
     the products with P and dS in the low dtype (fp32 accumulation), as flash attention does
-    on GPUs. Queries come in blocks (``_query_blocks``): the block of rows [a, b) computes
-    scores against keys [0, b) only, the keys it can see. Autocast is off inside: the dtypes
-    above are this function's choice.
+    on GPUs. Autocast is off inside: the dtypes above are this function's choice.
     """
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         _, heads, length, dim = q.shape
         groups = heads // k.shape[1]
-        blocks = _query_blocks(length)
         with torch.autocast("cpu", enabled=False):
             q4 = (q[0].float() * scale).view(-1, groups, length, dim)  # (H_kv, g, l, D)
-            k_t = k[0].float().unsqueeze(1).transpose(-1, -2)  # (H_kv, 1, D, l)
-            v4 = v[0].unsqueeze(1)
-            probs, outs = [], []
-            for a, b in blocks:
-                scores = torch.matmul(q4[:, :, a:b], k_t[..., :b])  # (H_kv, g, b - a, b)
-                scores.masked_fill_(_future_mask(b - a, b, a), float("-inf"))
-                probs.append(torch.softmax(scores, -1).to(v.dtype))
-                del scores
-                outs.append(torch.matmul(probs[-1], v4[:, :, :b]))  # (H_kv, g, b - a, D)
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+            scores = torch.matmul(q4, k[0].float().unsqueeze(1).transpose(-1, -2))
+            scores.masked_fill_(_future_mask(length), float("-inf"))  # (H_kv, g, l, l)
+            probs = torch.softmax(scores, -1).to(v.dtype)
+            del scores
+            out = torch.matmul(probs, v[0].unsqueeze(1))  # (H_kv, g, l, D)
             out = out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
-        ctx.scale, ctx.blocks = scale, blocks
-        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, probs, out)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        q, k, v, out, *probs = ctx.saved_tensors
-        kv_heads, groups = probs[0].shape[:2]
-        length, dim = q.shape[2], q.shape[3]
+        q, k, v, probs, out = ctx.saved_tensors
+        kv_heads, groups, length, _ = probs.shape
         low = v.dtype
         with torch.autocast("cpu", enabled=False):
-            d_out = grad_out[0].transpose(0, 1).reshape(kv_heads, groups, length, dim)
-            o4 = out[0].transpose(0, 1).reshape(kv_heads, groups, length, dim)
-            d_out_low, d_out32 = d_out.to(low), d_out.float()
+            d_out = grad_out[0].transpose(0, 1).reshape(kv_heads, groups, length, -1)
+            o4 = out[0].transpose(0, 1).reshape(kv_heads, groups, length, -1)
+            d_v = torch.matmul(probs.transpose(-1, -2), d_out.to(low)).sum(1)  # (H_kv, l, D)
+            d_out32 = d_out.float()
+            d_p = torch.matmul(d_out32, v[0].float().unsqueeze(1).transpose(-1, -2))
             delta = (d_out32 * o4.float()).sum(-1, keepdim=True)  # (H_kv, g, l, 1)
-            v_t = v[0].float().unsqueeze(1).transpose(-1, -2)
-            k_low = k[0].to(low).unsqueeze(1)
-            q4 = q[0].to(low).view(kv_heads, groups, length, dim)
-            d_q = torch.empty(kv_heads, groups, length, dim, dtype=low)
-            d_k = torch.zeros(kv_heads, length, dim)
-            d_v = torch.zeros(kv_heads, length, dim)
-            for (a, b), p in zip(ctx.blocks, probs, strict=True):
-                d_v[:, :b] += torch.matmul(p.transpose(-1, -2), d_out_low[:, :, a:b]).sum(1)
-                d_p = torch.matmul(d_out32[:, :, a:b], v_t[..., :b])
-                d_s = d_p.sub_(delta[:, :, a:b]).mul_(p).to(low)
-                del d_p
-                d_q[:, :, a:b] = torch.matmul(d_s, k_low[:, :, :b])
-                d_k[:, :b] += torch.matmul(d_s.transpose(-1, -2), q4[:, :, a:b]).sum(1)
-            d_q.mul_(ctx.scale)
-            d_k.mul_(ctx.scale)
+            d_s = d_p.sub_(delta).mul_(probs).to(low)
+            del d_p
+            d_q = torch.matmul(d_s, k[0].to(low).unsqueeze(1)).mul_(ctx.scale)
+            q4 = q[0].to(low).view(kv_heads, groups, length, -1)
+            d_k = torch.matmul(d_s.transpose(-1, -2), q4).sum(1).mul_(ctx.scale)
         return (d_q.view(q.shape).to(q.dtype), d_k.unsqueeze(0).to(k.dtype),
                 d_v.unsqueeze(0).to(v.dtype), None)
 
