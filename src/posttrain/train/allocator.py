@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger("posttrain")
@@ -110,17 +112,19 @@ def find_allocator(choice: str = "auto",
     if choice != "auto" and choice not in ALLOCATOR_LIBS:
         raise ValueError(f"{CHOICE_VAR}={choice!r}: expected auto, tcmalloc, jemalloc or glibc")
     names = list(ALLOCATOR_LIBS) if choice == "auto" else [choice]
+    search = dirs if dirs is not None else _lib_dirs()
     for name in names:
-        for d in dirs if dirs is not None else _lib_dirs():
+        for d in search:
             for lib in ALLOCATOR_LIBS[name]:
                 if (d / lib).is_file():
                     return name, d / lib
     if choice != "auto":
         raise ValueError(f"{CHOICE_VAR}={choice}: none of {ALLOCATOR_LIBS[choice]} is installed "
-                         f"(looked in {', '.join(map(str, dirs or _lib_dirs()))})")
+                         f"(looked in {', '.join(map(str, search))})")
     return None
 
 
+@functools.cache  # a preload is decided when the process starts
 def preloaded_allocator() -> str | None:
     """The size-class allocator mapped into this process, if any (Linux ``/proc``)."""
     try:
@@ -131,12 +135,12 @@ def preloaded_allocator() -> str | None:
                  if any(lib.split(".so")[0] + ".so" in maps for lib in libs)), None)
 
 
-def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def allocator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables to add to ``environ`` (default ``os.environ``) so a new process starts
     with the allocator ``POSTTRAIN_ALLOCATOR`` selects: ``LD_PRELOAD`` (prepended to any
     existing one) and the allocator's keep-memory settings; empty when glibc is chosen, none
     is installed, or ``LD_PRELOAD`` already names that library."""
-    environ = dict(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
     if sys.platform != "linux":
         return {}
     found = find_allocator(environ.get(CHOICE_VAR, "auto"))
@@ -169,28 +173,26 @@ def reexec_with_allocator(argv: list[str] | None = None) -> None:
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
-_reported = False
+def _start_hint() -> str:
+    """How a glibc process would start under the installed allocator ('' if none)."""
+    try:
+        extra = allocator_env()
+    except ValueError:
+        return ""
+    settings = " ".join(f"{k}='{v}'" for k, v in extra.items())
+    return (f"; CPU steps run faster with {settings} set when Python starts (the posttrain "
+            "command does this itself)") if extra else ""
 
 
+@functools.cache
 def use_warm_host_memory() -> str:
     """Called by the engine on CPU: the allocator in use (``tcmalloc``, ``jemalloc`` or
     ``glibc``), logged once per process. Under glibc it applies ``keep_freed_memory()`` and
     tells a Python API user how to start with an installed size-class allocator instead."""
-    global _reported
     name = preloaded_allocator()
-    if name is None:
-        keep_freed_memory()
-    if _reported:
-        return name or "glibc"
-    _reported = True
-    try:
-        extra = {} if name else allocator_env()
-    except ValueError:
-        extra = {}
-    if extra:
-        settings = " ".join(f"{k}='{v}'" for k, v in extra.items())
-        log.info("host allocator: glibc; CPU steps run faster with %s set when Python starts "
-                 "(the posttrain command does this itself)", settings)
-    else:
-        log.info("host allocator: %s", name or "glibc")
-    return name or "glibc"
+    if name:
+        log.info("host allocator: %s", name)
+        return name
+    keep_freed_memory()
+    log.info("host allocator: glibc%s", _start_hint())
+    return "glibc"
