@@ -26,12 +26,17 @@ Under bf16 autocast, sequences of up to ``MATMUL_ATTENTION_MAX_LEN`` tokens take
 flash attention (scores and their gradient accumulated in fp32, probabilities and score
 gradients in bf16 for the value/query/key products) with the l x l products as GEMMs, which
 run near the machine's bf16 matmul peak where the CPU flash kernel reaches ~50 GFLOP/s.
+The query heads sharing a K/V head are stacked into one matrix (one batched GEMM per
+product, no broadcast copies of K/V), and its two fp32 products run on oneDNN rather than
+MKL (``onednn_fp32_matmul``: ~2.7x on this AMD CPU, same fp32 result).
 SmolLM2-135M shapes (8 sequences of 60-368 tokens, H=9, H_kv=3, D=64; fwd + bwd per layer):
-23-31 ms vs 32-39 ms for the fp32 flash kernel (benchmarks/README_sft.md).
+16-22 ms vs 32-39 ms for the fp32 flash kernel (benchmarks/README_sft.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -84,56 +89,83 @@ def _future_mask(length: int) -> Tensor:
     return _FUTURE[:length, :length]
 
 
+@contextmanager
+def onednn_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls inside go to oneDNN instead of MKL.
+
+    On AMD CPUs the CPU wheel's MKL sgemm runs ~150 GFLOP/s (2 cores, Zen 5) where oneDNN
+    reaches ~400; torch routes fp32 matmuls to oneDNN only when its fp32 precision setting
+    allows bf16 math. On CPUs without AMX oneDNN still computes in fp32 (measured: the same
+    error against fp64 as MKL); with AMX the inputs may be rounded to bf16 with fp32
+    accumulation, which is GPU flash attention's precision for the two products used here.
+    The setting is process-wide, so it is restored on exit."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is None or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 class CausalMatmulAttention(torch.autograd.Function):
     """Causal attention of one sequence with explicit l x l scores, for CPU mixed precision.
 
     q (1, H, l, D), k (1, H_kv, l, D) (any float dtype; fp32 after RoPE under autocast),
     v (1, H_kv, l, D) in the low dtype ``v.dtype`` -> (1, l, H, D) in ``v.dtype``.
-    Head h reads K/V head h // g, g = H / H_kv. With S = scale q k^T (fp32),
-    P = softmax(S + causal mask) (stored in the low dtype), O = P v:
+    Head h reads K/V head h // g, g = H / H_kv: the g query heads of a K/V head are stacked
+    as the rows of one (g l, D) matrix, so each product is one batched GEMM over the H_kv
+    heads (no broadcast copies of K/V; the sums over a group fall out of dK and dV's GEMMs).
+    With S = scale q k^T (fp32), P = softmax(S + causal mask) (stored in the low dtype),
+    O = P v:
 
         dV = P^T dO,   dP = dO v^T (fp32),   dS = P * (dP - rowsum(dO * O)),
         dQ = scale dS k,   dK = scale dS^T q,
 
     the products with P and dS in the low dtype (fp32 accumulation), as flash attention does
-    on GPUs. Autocast is off inside: the dtypes above are this function's choice.
+    on GPUs; the two fp32 products run on oneDNN (``onednn_fp32_matmul``). Autocast is off
+    inside: the dtypes above are this function's choice.
     """
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         _, heads, length, dim = q.shape
-        groups = heads // k.shape[1]
-        with torch.autocast("cpu", enabled=False):
-            q4 = (q[0].float() * scale).view(-1, groups, length, dim)  # (H_kv, g, l, D)
-            scores = torch.matmul(q4, k[0].float().unsqueeze(1).transpose(-1, -2))
-            scores.masked_fill_(_future_mask(length), float("-inf"))  # (H_kv, g, l, l)
-            probs = torch.softmax(scores, -1).to(v.dtype)
+        kv_heads, low = k.shape[1], v.dtype
+        with torch.autocast("cpu", enabled=False), onednn_fp32_matmul():
+            q3 = q[0].reshape(kv_heads, heads // kv_heads * length, dim)  # (H_kv, g l, D)
+            # scale on k: a third of q's size, and a power of two for D = 64 (exact)
+            scores = torch.bmm(q3.float(), (k[0].float() * scale).transpose(1, 2))
+            scores.view(kv_heads, -1, length, length).masked_fill_(
+                _future_mask(length), float("-inf"))  # (H_kv, g l, l)
+            probs = torch.softmax(scores, -1).to(low)
             del scores
-            out = torch.matmul(probs, v[0].unsqueeze(1))  # (H_kv, g, l, D)
-            out = out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
+            out = torch.bmm(probs, v[0])  # (H_kv, g l, D)
         ctx.scale = scale
-        ctx.save_for_backward(q, k, v, probs, out)
-        return out
+        ctx.dtypes = (q.dtype, k.dtype)
+        ctx.save_for_backward(q3.to(low), k[0].to(low), v, probs, out)
+        return out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        q, k, v, probs, out = ctx.saved_tensors
-        kv_heads, groups, length, _ = probs.shape
+        q3, k, v, probs, out = ctx.saved_tensors
+        kv_heads, rows, length = probs.shape
         low = v.dtype
-        with torch.autocast("cpu", enabled=False):
-            d_out = grad_out[0].transpose(0, 1).reshape(kv_heads, groups, length, -1)
-            o4 = out[0].transpose(0, 1).reshape(kv_heads, groups, length, -1)
-            d_v = torch.matmul(probs.transpose(-1, -2), d_out.to(low)).sum(1)  # (H_kv, l, D)
+        with torch.autocast("cpu", enabled=False), onednn_fp32_matmul():
+            d_out = grad_out[0].transpose(0, 1).reshape(kv_heads, rows, -1).to(low)
+            d_v = torch.bmm(probs.transpose(1, 2), d_out)  # (H_kv, l, D)
             d_out32 = d_out.float()
-            d_p = torch.matmul(d_out32, v[0].float().unsqueeze(1).transpose(-1, -2))
-            delta = (d_out32 * o4.float()).sum(-1, keepdim=True)  # (H_kv, g, l, 1)
+            d_p = torch.bmm(d_out32, v[0].float().transpose(1, 2))  # (H_kv, g l, l)
+            delta = (d_out32 * out.float()).sum(-1, keepdim=True)  # (H_kv, g l, 1)
             d_s = d_p.sub_(delta).mul_(probs).to(low)
             del d_p
-            d_q = torch.matmul(d_s, k[0].to(low).unsqueeze(1)).mul_(ctx.scale)
-            q4 = q[0].to(low).view(kv_heads, groups, length, -1)
-            d_k = torch.matmul(d_s.transpose(-1, -2), q4).sum(1).mul_(ctx.scale)
-        return (d_q.view(q.shape).to(q.dtype), d_k.unsqueeze(0).to(k.dtype),
-                d_v.unsqueeze(0).to(v.dtype), None)
+            d_q = torch.bmm(d_s, k).mul_(ctx.scale)  # (H_kv, g l, D)
+            d_k = torch.bmm(d_s.transpose(1, 2), q3).mul_(ctx.scale)  # (H_kv, l, D)
+        q_dtype, k_dtype = ctx.dtypes
+        return (d_q.view(-1, length, d_q.shape[-1]).unsqueeze(0).to(q_dtype),
+                d_k.unsqueeze(0).to(k_dtype), d_v.unsqueeze(0).to(v.dtype), None)
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scaling: float | None) -> Tensor:
