@@ -49,8 +49,10 @@ class PreferencePlan:
     # 97.5% / 35%), held-out refusal / over-refusal after DPO: beta 0.1 lr 5e-4 nll 1, 30
     # steps: 78% / 0% (refusals decay into garbled "Sor, I I ano"); beta 0.3 lr 2e-4 nll 3:
     # 30 steps 90% / 0%, 45 steps 94% / 0%, 60 steps 96% / 0% (seed 1: 97.5% / 0%; 200
-    # prompts of two other eval seeds: 95-98% / 0-1%). DPO first lowers the refusals along
-    # with the needless ones, then restores them: stop it too early and refusals suffer.
+    # prompts of two other eval seeds: 95-98% / 0-1%); with three held-out benign phrasings
+    # (session 10): 97.5% / 7.5% (seeds 1-3: 93.8% / 6.2%, 96.3% / 7.5%, 67.5% / 15%).
+    # DPO first lowers the refusals along with the needless ones, then restores them: stop
+    # it too early and refusals suffer.
     dpo_lr: float = 2e-4
     beta: float = 0.3
     # RPO's NLL on the chosen: without it DPO lowers the chosen refusal's likelihood too
