@@ -89,6 +89,11 @@ def _future_mask(length: int) -> Tensor:
     return _FUTURE[:length, :length]
 
 
+# Looked up once: the context below is entered twice per sequence and layer of every step.
+_ONEDNN_MATMUL = (getattr(torch.backends.mkldnn, "matmul", None)
+                  if torch.backends.mkldnn.is_available() else None)
+
+
 @contextmanager
 def onednn_fp32_matmul() -> Iterator[None]:
     """fp32 matmuls inside go to oneDNN instead of MKL.
@@ -99,16 +104,15 @@ def onednn_fp32_matmul() -> Iterator[None]:
     error against fp64 as MKL); with AMX the inputs may be rounded to bf16 with fp32
     accumulation, which is GPU flash attention's precision for the two products used here.
     The setting is process-wide, so it is restored on exit."""
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    if matmul is None or not torch.backends.mkldnn.is_available():
+    if _ONEDNN_MATMUL is None:
         yield
         return
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
+    previous = _ONEDNN_MATMUL.fp32_precision
+    _ONEDNN_MATMUL.fp32_precision = "bf16"
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        _ONEDNN_MATMUL.fp32_precision = previous
 
 
 class CausalMatmulAttention(torch.autograd.Function):
