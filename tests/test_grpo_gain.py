@@ -7,11 +7,11 @@ two-digit-sum demonstrations (column-by-column working) at lr 1e-3 leave the tin
 so the gain is the algorithm generalising, not memorised pairs.
 
 Why not an earlier, weaker start: on the steep part the accuracy after a fixed number of
-steps is chaotic. Session 10 trained the previous start (200 steps at lr 2e-3) with three
-attention implementations that differ only in rounding (same maths, products regrouped):
-23.5%, 8.5% and 6%, and from 8.5% this test's GRPO reached 17.5% (+9). At lr 1e-3 the same
-three gave 31 / 66 / 46% after 200 steps but 70 / 68.5 / 64.5% after 250, and 20 GRPO steps
-took those to 91 / 89.5 / 92.5% (+21 to +28).
+steps is chaotic. 200 steps at lr 2e-3, trained with three attention implementations that
+differ only in rounding (same maths, products regrouped), gave 23.5%, 8.5% and 6%, and from
+8.5% this test's GRPO reached 17.5% (+9). At lr 1e-3 the same three gave 31 / 66 / 46% after
+200 steps but 70 / 68.5 / 64.5% after 250, and 20 GRPO steps took those to 91 / 89.5 / 92.5%
+(+21 to +28).
 
 The GRPO recipe is the one that survived the sweep in docs/grpo.md: 64 prompts x G=8 per step
 and Adam beta2 0.99 at lr 1e-4. With 16 prompts per step a step is noise-dominated and

@@ -62,8 +62,8 @@ class DemoPlan:
 # Full plan: sums of single digits, which a 1.6M-parameter model learns from ~500 small
 # steps. Worksheets in the corpus cover every pair (pretraining "knows" the facts); chat and
 # RL prompts hold out 10% of pairs, so held-out accuracy measures what post-training elicits.
-# The quick plan keeps session 1's measured budgets (two-digit sums, 32-row batches): its
-# safety stages pass their thresholds there; 500 small steps do not fit in 2 minutes.
+# The quick plan uses two-digit sums and 32-row batches instead: 500 small steps do not fit in
+# 2 minutes, and its safety stages pass their thresholds with these measured budgets.
 MAX_OPERAND = 9
 
 PLANS = {

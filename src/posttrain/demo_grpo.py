@@ -38,7 +38,7 @@ class GRPOPlan:
 
 # The full plan is the large-batch recipe of docs/grpo.md (64 prompts x 8, lr 1e-4, Adam
 # beta2 0.99). Measured from the full demo's SFT model (16% held-out, single-digit sums,
-# 1 thread): the old 40 steps x 16 prompts at lr 5e-5 -> 11.5% (75 s); 64 prompts at lr 1e-4:
+# 1 thread): 40 steps x 16 prompts at lr 5e-5 -> 11.5% (75 s); 64 prompts at lr 1e-4:
 # 10 steps 12.5%, 16 steps 20%, 24 steps 23% (128 s); 16 steps at lr 2e-4 9.5%.
 PLANS = {"quick": GRPOPlan(steps=6, max_new_tokens=48, max_operand=99),
          "full": GRPOPlan(steps=24, prompts_per_step=64, lr=1e-4, adam_beta2=0.99)}

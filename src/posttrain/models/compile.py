@@ -4,9 +4,8 @@ Eager PyTorch runs a decoder layer as ~40 separate kernels per direction: RMSNor
 mean, rsqrt and scale, RoPE's rotate-and-add, SwiGLU's silu and product, the residual adds,
 and a dtype cast around most of them under autocast, each a full pass over the activations.
 Inductor fuses those chains into a few loops (C++/OpenMP on CPU, Triton on GPU); the matmuls
-stay on the vendor GEMMs. Measured on the 2-core CPU (SmolLM2-135M SFT, bf16 autocast,
-``benchmarks/run.py``): 488 vs 460 tokens/s side by side, 443 vs 407 against the session's
-eager baseline, and 25% less peak memory (benchmarks/README_sft.md).
+stay on the vendor GEMMs. The compiled step is faster and saves fewer activations, so its
+peak memory is lower (SmolLM2-135M SFT figures: benchmarks/README_sft.md).
 
 Only the layers are compiled, with dynamic shapes (one graph for every packed length; the
 layers share it, so compiling 30 layers costs about one compile), and only for training

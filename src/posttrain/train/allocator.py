@@ -1,37 +1,22 @@
 """Host memory for CPU training: steps should reuse warm pages, not fault in fresh ones.
 
-Two mechanisms: a size-class allocator (tcmalloc or jemalloc) preloaded when the process
-starts, which the ``posttrain`` command arranges itself (second half of this doc), and, when
-glibc's allocator is the one in use, ``keep_freed_memory()``.
+A CPU training step allocates and frees the same large tensors every step (logits and their
+gradient, activations, gradients). glibc serves blocks above ``M_MMAP_THRESHOLD`` with a fresh
+``mmap``, unmaps them on free, and its heap fragments under a step's mix of sizes, so steps
+keep faulting in fresh, zero-filled pages; on a VM whose memory the host backs lazily a first
+touch of a page costs ~38 us.
 
-glibc serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB) with a fresh
-``mmap`` and returns it with ``munmap`` when freed. A training step on CPU allocates and
-frees the same large tensors every step (SmolLM2-135M: the (targets, 49152) fp32 logits and
-their gradient, ~200 MB each; activations; gradients), so each step page-faults all of them
-in again and the kernel zero-fills every page: measured on the 2-core CPU, SFT steps of
-~1500 tokens took 6.5-7.5 s with glibc's defaults and 5.8-6.3 s with mmap disabled and no
-trimming (-12% to -20%).
+The remedy is a size-class allocator (tcmalloc, else jemalloc) preloaded at start and told
+never to return freed memory to the OS. An allocator can only be chosen before the process
+starts, so the ``posttrain`` command re-executes itself once with ``LD_PRELOAD`` set
+(``reexec_with_allocator``; ``POSTTRAIN_ALLOCATOR`` = ``auto`` (default: tcmalloc, else
+jemalloc, else glibc), ``tcmalloc``, ``jemalloc`` or ``glibc``). Python API users get the same
+with ``allocator_env()``'s variables in their own process's environment (docs/training.md).
 
-``keep_freed_memory()`` sets, through ``mallopt``, what the environment variables
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` set at start-up: no mmap for large
-blocks, and never trim the heap. Freed memory then stays in the process's heap (resident
-set size does not shrink after a peak) for the next step's allocations. (Page faults are not
-always gone: a probe that allocates one 64 MiB tensor per step still faults some steps in
-again; the step-time gain above is what was measured.) Set ``POSTTRAIN_MALLOC_TUNING=0`` to
-keep glibc's defaults.
-
-Better still is a size-class allocator, tcmalloc (preferred) or jemalloc, preloaded at start:
-glibc's heap fragments under a training step's mix of sizes and keeps growing for dozens of
-steps (SmolLM2-135M SFT, variable lengths: resident set 4.6 -> 5.9 GiB over steps 8-24, ~30k
-fresh pages on most steps), and on a VM whose memory the host backs lazily a fresh page costs
-~38 us (1 GiB first touch: 9.9 s; the same pages touched again: 0.43 s). Measured over steps
-9-24 of that run (compiled, 2 cores): glibc + ``mallopt`` 415 tok/s, 10.8 s in the kernel,
-303k page faults; jemalloc 535 tok/s; tcmalloc 616 tok/s, 0.2 s in the kernel, 1.8k faults.
-An allocator can only be chosen before the process starts, so the ``posttrain`` command
-re-executes itself once with ``LD_PRELOAD`` set (``reexec_with_allocator``; the environment
-variable ``POSTTRAIN_ALLOCATOR`` = ``auto`` (default: tcmalloc, else jemalloc, else glibc),
-``tcmalloc``, ``jemalloc`` or ``glibc``). Python API users get the same with
-``allocator_env()``'s variables in the environment of their own process (docs/training.md).
+Under glibc, ``keep_freed_memory()`` sets through ``mallopt`` what ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647`` set at start-up: no mmap for large blocks, never trim the
+heap, so freed memory stays in the heap for the next step (fewer fresh pages, not none).
+``POSTTRAIN_MALLOC_TUNING=0`` keeps glibc's defaults. Measurements: benchmarks/README_sft.md.
 """
 
 from __future__ import annotations
