@@ -6,19 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.data.batching import (
-    IGNORE_INDEX,
-    batches,
-    model_inputs,
-    pack,
-    pad,
-    shifted_labels,
-    token_budget_batches,
-)
+from posttrain.data.batching import IGNORE_INDEX, move_batch, pack, pad, shifted_labels
 from posttrain.data.chat import Encoded, encode_messages
 from posttrain.models.tiny import build_model, build_tokenizer
 
 PAD_ID = 3
+
+
+def _inputs(batch: dict) -> dict:
+    """An HF forward's kwargs: labels are already shifted, so they must not go in."""
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
 
 
 def examples() -> list[Encoded]:
@@ -95,8 +93,8 @@ def test_packed_equals_padded_loss(model: torch.nn.Module) -> None:
     exs = examples()
     packed, padded = pack(exs), pad(exs, PAD_ID)
     with torch.no_grad():
-        loss_packed = summed_nll(model(**model_inputs(packed)).logits, packed["labels"])
-        loss_padded = summed_nll(model(**model_inputs(padded)).logits, padded["labels"])
+        loss_packed = summed_nll(model(**_inputs(packed)).logits, packed["labels"])
+        loss_padded = summed_nll(model(**_inputs(padded)).logits, padded["labels"])
     assert packed["num_target_tokens"] == padded["num_target_tokens"]
     torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=0)
 
@@ -104,19 +102,12 @@ def test_packed_equals_padded_loss(model: torch.nn.Module) -> None:
 def test_packed_attention_stays_within_each_sequence(model: torch.nn.Module) -> None:
     exs = examples()
     with torch.no_grad():
-        logits = model(**model_inputs(pack(exs))).logits[0]  # (N, V)
+        logits = model(**_inputs(pack(exs))).logits[0]  # (N, V)
         start = 0
         for ex in exs:
             alone = model(input_ids=torch.tensor([ex.input_ids])).logits[0]  # (T, V)
             torch.testing.assert_close(logits[start : start + len(ex)], alone, atol=1e-5, rtol=0)
             start += len(ex)
-
-
-def test_model_inputs_drop_labels_and_disable_the_cache() -> None:
-    # With a KV cache, transformers ignores the packed boundaries in position_ids.
-    inputs = model_inputs(pack(examples()))
-    assert set(inputs) == {"input_ids", "position_ids", "use_cache"}
-    assert inputs["use_cache"] is False
 
 
 def test_pack_real_conversation_targets_match_mask() -> None:
@@ -127,25 +118,15 @@ def test_pack_real_conversation_targets_match_mask() -> None:
     assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == "yo<|im_end|>" * 2
 
 
-def test_batch_order_is_deterministic_per_seed_and_epoch() -> None:
-    plan = batches(10, 3, shuffle=True, seed=7, epoch=2)
-    assert plan == batches(list(range(10)), 3, shuffle=True, seed=7, epoch=2)
-    assert plan != batches(10, 3, shuffle=True, seed=7, epoch=3)
-    assert sorted(i for b in plan for i in b) == list(range(10))
-    assert [len(b) for b in plan] == [3, 3, 3, 1]
-    assert [len(b) for b in batches(10, 3, shuffle=True, seed=7, epoch=2, drop_last=True)] == [
-        3,
-        3,
-        3,
-    ]
-    assert batches(5, 2, shuffle=False) == [[0, 1], [2, 3], [4]]
+def test_move_batch_moves_every_field() -> None:
+    """Tensors, objects with a ``to`` (a prefix layout), nested batches; ints stay ints."""
+    from posttrain.models.prefix import pack_pairs
 
-
-def test_token_budget_batches_respect_the_budget() -> None:
-    lengths = [5, 3, 8, 2, 7, 1, 9, 4]
-    plan = token_budget_batches(lengths, 10, shuffle=True, seed=1, epoch=0)
-    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in b) <= 10 for b in plan)
-    assert plan == token_budget_batches(lengths, 10, shuffle=True, seed=1, epoch=0)
-    # An over-long example gets a batch of its own instead of being dropped.
-    assert token_budget_batches([3, 20, 3], 10, shuffle=False) == [[0], [1], [2]]
+    ex = examples()
+    batch = pack_pairs([ex[0], ex[0]])
+    batch["kl_batch"] = pack(ex[:2])
+    moved = move_batch(batch, "meta")
+    assert moved["input_ids"].device.type == "meta"
+    assert moved["prefix_layout"].cu_seq_lens.device.type == "meta"
+    assert moved["kl_batch"]["input_ids"].device.type == "meta"
+    assert moved["num_sequences"] == batch["num_sequences"] == 2

@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 
 from posttrain.config import (
-    LoraConfig,
-    TrainConfig,
     config_from_dict,
     config_help,
     config_to_dict,
@@ -21,6 +19,8 @@ from posttrain.config import (
     to_yaml,
 )
 from posttrain.errors import ConfigError
+from posttrain.models.lora import LoraConfig
+from posttrain.train.config import TrainConfig
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.train.loop import BatchStream
+from posttrain.data.batching import BatchStream
 from posttrain.train.metrics import read_metrics
 
 

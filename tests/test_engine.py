@@ -65,12 +65,12 @@ def test_nan_guard_skips_step_then_aborts(tmp_path):
     for _ in range(2):
         out = eng.update([pack(ex)], _nan_loss, count_targets)
         assert out["train/nonfinite"] == 1
-    assert eng.skipped_steps == 2
+    assert eng.policy.skipped_steps == 2
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, b), "a non-finite step must not change the weights"
     # A good step resets the streak.
     eng.update([pack(ex)], sft_step, count_targets)
-    assert eng.bad_streak == 0
+    assert eng.policy.bad_streak == 0
     eng.update([pack(ex)], _nan_loss, count_targets)
     eng.update([pack(ex)], _nan_loss, count_targets)
     with pytest.raises(TrainingError, match="consecutive"):

@@ -93,7 +93,9 @@ def test_grpo_with_code_reward_logs_pass_rates(tmp_path):
 
 def test_dynamic_sampling_drops_zero_spread_groups_and_refills(monkeypatch):
     """Round 0: groups 0 and 2 have zero spread -> dropped; refill asks for 2 new prompts."""
-    from posttrain.algorithms.grpo import GRPOTrainer, StepBatch
+    from types import SimpleNamespace
+
+    from posttrain.algorithms.grpo import GRPO, StepBatch
     from posttrain.rollout import Rollouts
 
     cfg = GRPOConfig(data="x", prompts_per_step=3, num_generations=2, dynamic_sampling=True,
@@ -110,10 +112,10 @@ def test_dynamic_sampling_drops_zero_spread_groups_and_refills(monkeypatch):
         spread = r.max(1).values != r.min(1).values
         return StepBatch(ro, r, spread, {}), {"time/generate_s": 0.0, "time/reward_s": 0.0}
 
-    trainer = object.__new__(GRPOTrainer)
+    trainer = object.__new__(GRPO)
     trainer.cfg = cfg
+    trainer.cursor = SimpleNamespace(next=lambda n: [{}] * n)
     monkeypatch.setattr(trainer, "generate", fake_generate, raising=False)
-    monkeypatch.setattr(trainer, "next_rows", lambda n: [{}] * n, raising=False)
     batch, stats = trainer.collect()
     assert asked == [3, 2]
     assert batch.ro.prompt_ids == [[0, 1], [1, 0]]  # round 0 group 1, round 1 group 0

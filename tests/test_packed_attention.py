@@ -74,19 +74,6 @@ def test_varlen_forward_builds_no_mask_but_padded_forward_does(monkeypatch):
     assert not attn._VARLEN_FORWARD.get()  # the flag does not leak out of the forward
 
 
-def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
-    from posttrain.models.attention import cpu_fp32_sdpa
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).bfloat16() for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = cpu_fp32_sdpa(q, k, v, is_causal=True)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                           is_causal=True)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)  # fp32 math, one rounding
-
-
 def _sequence(length: int, heads: int, kv_heads: int, dim: int = 16, seed: int = 0):
     """q, k fp32 and v bf16 (the dtypes RoPE and a bf16 v_proj hand attention under autocast),
     each (1, heads, length, dim) with the (1, length, heads, dim) memory layout of a model."""

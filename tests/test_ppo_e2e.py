@@ -13,21 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.algorithms.grpo import encode_prompts, load_prompt_rows
-from posttrain.algorithms.ppo import (
-    VALUE_DIR,
-    PPOConfig,
-    build_rewards,
-    evaluate_policy,
-    train_ppo,
-)
+from posttrain.algorithms.ppo import VALUE, PPOConfig, train_ppo
 from posttrain.algorithms.reward_model import RMConfig, train_reward_model
 from posttrain.config import load_config
+from posttrain.data.prompts import encode_prompts, load_prompt_rows
 from posttrain.errors import ConfigError
+from posttrain.evals.policy import evaluate_policy
+from posttrain.models.completion import completion_logprobs, token_values
 from posttrain.models.io import load_model
+from posttrain.models.prefix import enable_prefix_attention
 from posttrain.models.tiny import build_tokenizer
-from posttrain.models.value import load_value_model, policy_logprobs_entropy, token_values
-from posttrain.rollout.scoring import build_batch, completion_logprobs, enable_prefix_attention
+from posttrain.models.value import load_value_model
+from posttrain.rewards.registry import build_reward_set
+from posttrain.rollout.batching import build_batch
 
 
 def _digit_pairs(n: int, seed: int) -> list[dict]:
@@ -81,7 +79,8 @@ def test_ppo_raises_rm_score_and_the_kl_leash_limits_drift(tmp_path, rm_dir):
     tok = build_tokenizer()
     held = encode_prompts(load_prompt_rows(base.eval_data, "test"), tok, 64, base.eval_data)
     start = evaluate_policy(load_model("tiny:nano"), load_model("tiny:nano"), tok, held,
-                            build_rewards(base), max_new_tokens=8)
+                            build_reward_set(base.reward, base.data, held, max_length=96,
+                                             precision="fp32"), max_new_tokens=8)
     assert start["kl"] == pytest.approx(0.0, abs=1e-5)
     runs = {}
     for name, beta in (("free", 0.0), ("moderate", 0.05), ("strong", 0.2)):
@@ -113,7 +112,7 @@ def test_ppo_raises_rm_score_and_the_kl_leash_limits_drift(tmp_path, rm_dir):
     assert first["objective/rlhf_reward"] == pytest.approx(first["objective/score"], abs=1e-5)
     final = tmp_path / "moderate" / "final"
     assert (final / "model.safetensors").exists()
-    assert (final / VALUE_DIR / "model.safetensors").exists()
+    assert (final / VALUE / "model.safetensors").exists()
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -146,7 +145,7 @@ def test_ppo_resumes_exactly(tmp_path, rm_dir, lora):
     train_ppo(part)
     resumed = train_ppo(_cfg(tmp_path, "part", rm_dir, *extra, "resume=true"))
     _assert_same(full, resumed)
-    _assert_same(full / VALUE_DIR, resumed / VALUE_DIR)
+    _assert_same(full / VALUE, resumed / VALUE)
     a, b = _rows(tmp_path / "full")[-1], _rows(tmp_path / "part")[-1]
     assert a["objective/beta"] == b["objective/beta"] != 0.1  # the controller moved and resumed
     rows = [r for r in _rows(tmp_path / "full") if "objective/kl" in r]
@@ -154,7 +153,7 @@ def test_ppo_resumes_exactly(tmp_path, rm_dir, lora):
     assert rows[-1]["objective/kl"] != 0.0
     if lora:  # the checkpoint holds adapters, the value head trains in full
         assert (full / "adapter_config.json").exists()
-        assert any("score" in k for k in _weights(full / VALUE_DIR))
+        assert any("score" in k for k in _weights(full / VALUE))
 
 
 def test_value_and_entropy_forwards_match_plain_ones(rm_dir):
@@ -169,8 +168,8 @@ def test_value_and_entropy_forwards_match_plain_ones(rm_dir):
     shared, plain = build_batch(groups, True), build_batch(groups, False)
     torch.testing.assert_close(token_values(value, shared), token_values(value, plain),
                                atol=1e-5, rtol=1e-5)
-    lp, ent = policy_logprobs_entropy(policy, shared, temperature=0.7)
-    ref_lp, ref_ent = completion_logprobs(policy, shared, 0.7, with_entropy=True)
+    lp, ent = completion_logprobs(policy, shared, 0.7, entropy="grad")
+    ref_lp, ref_ent = completion_logprobs(policy, shared, 0.7, entropy="detached")
     torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
     assert ent.requires_grad
@@ -191,7 +190,7 @@ def test_value_and_entropy_forwards_match_plain_ones(rm_dir):
     (["data=task:arithmetic", "rewards=[numeric]"], "value_model=reward_model needs"),
     (["data=task:arithmetic", "reward_model=x", "mini_batch_size=5"], "must divide"),
     (["data=task:arithmetic", "reward_model=x", "dual_clip=0.5"], "dual_clip"),
-    (["data=task:arithmetic", "reward_model=x", "reward_weights=[1,2]"], "reward_weights"),
+    (["data=task:arithmetic", "reward_model=x", "reward_weights=[1,2]"], "reward.weights"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,7 @@ import torch
 
 from posttrain.algorithms import preference as P
 from posttrain.algorithms.preference import DPOConfig, encode_pairs, train_preference
-from posttrain.config import LoraConfig, load_config
+from posttrain.config import load_config
 from posttrain.data.batching import pack
 from posttrain.data.chat import Encoded, encode_preference
 from posttrain.models.logprobs import (
@@ -20,7 +20,7 @@ from posttrain.models.logprobs import (
     precompute_reference,
     sequence_logprobs,
 )
-from posttrain.models.lora import apply_lora
+from posttrain.models.lora import LoraConfig, apply_lora
 from posttrain.models.prefix import (
     enable_prefix_attention,
     pack_groups,
@@ -232,7 +232,9 @@ def test_attention_that_cannot_share_falls_back_to_packing(tmp_path, long_prompt
     monkeypatch.setattr(P, "enable_prefix_attention", lambda model: False)
     cfg = _cfg(tmp_path, long_prompt_jsonl, "fallback", "max_steps=1")
     train_preference(cfg)
-    assert cfg.prefix_sharing is False
+    # The run's config.yaml says what ran; the caller's config is left as it was.
+    ran = load_config(DPOConfig, tmp_path / "fallback" / "config.yaml")
+    assert ran.prefix_sharing is False and cfg.prefix_sharing is True
     rows = read_metrics(tmp_path / "fallback" / "metrics.jsonl")
     assert not any("perf/prefix_saved_frac" in r for r in rows)
 

@@ -10,6 +10,7 @@ import pytest
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.registry import auto_reward_names, build_reward
 from posttrain.rewards.verifiers import (
+    CountdownCheck,
     ExactMatch,
     MathVerify,
     NumericMatch,
@@ -19,7 +20,7 @@ from posttrain.rewards.verifiers import (
     rlvr_reward,
 )
 from posttrain.tasks.registry import build_task_rows
-from posttrain.tasks.rl import CountdownCheck, rg_rows
+from posttrain.tasks.rl import rg_rows
 
 GOOD = "<think>7 and 5 make 12</think> <answer>12</answer>"
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from posttrain.data.chat import render_prompt
+from posttrain.models.completion import completion_logprobs
+from posttrain.models.prefix import enable_prefix_attention
 from posttrain.models.tiny import build_model, build_tokenizer
 from posttrain.rollout import Generator, KVCacheGenerator, SamplingParams, default_stop_ids
+from posttrain.rollout.batching import build_batch
 from posttrain.rollout.sampling import filter_logits, sample_tokens
-from posttrain.rollout.scoring import build_batch, completion_logprobs, enable_prefix_attention
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_sampler_logprobs_equal_teacher_forced_forward(setup, prefix_sharing):
     groups = [(ro.prompt_ids[i], ro.completion_ids[i * 4:(i + 1) * 4]) for i in range(3)]
     batch = build_batch(groups, prefix_sharing)
     with torch.no_grad():
-        logp, ent = completion_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        logp, ent = completion_logprobs(model, batch, temperature=0.7, entropy="detached")
     for k, lp in enumerate(ro.logprobs):
         torch.testing.assert_close(logp[k, :len(lp)], torch.tensor(lp), atol=1e-5, rtol=0)
     assert (ent[batch["mask"]] > 0).all()

@@ -14,7 +14,7 @@ KL penalty keeps it near the SFT model. Every stage is then compared on held-out
 - ``rm_score``: mean RM score of the greedy completions;
 - ``kl_to_sft``: mean KL(model || SFT) per completion, in nats, on one fixed-seed sample per
   prompt at temperature 1 (the exact per-token KL over the vocabulary, summed over the
-  completion: ``posttrain.algorithms.ppo.sequence_kl``); 0 for the SFT model itself.
+  completion: ``posttrain.evals.policy.sequence_kl``); 0 for the SFT model itself.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.algorithms.grpo import encode_prompts
-from posttrain.algorithms.ppo import PPOConfig, evaluate_policy, train_ppo
+from posttrain.algorithms.ppo import PPOConfig, train_ppo
 from posttrain.config import load_config
+from posttrain.data.prompts import encode_prompts
+from posttrain.evals.policy import evaluate_policy
 from posttrain.models.io import load_model, load_tokenizer
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.reward_model import RewardModel

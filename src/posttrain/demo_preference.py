@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.algorithms.preference import DPOConfig, encode_pairs, train_preference
-from posttrain.algorithms.reward_model import RMConfig, score_pairs, train_reward_model
+from posttrain.algorithms.preference import DPOConfig, train_preference
+from posttrain.algorithms.reward_model import RMConfig, train_reward_model
 from posttrain.config import load_config
+from posttrain.data.pairs import encode_pairs
 from posttrain.evals.refusal import refusal_rates
 from posttrain.models.attention import enable_packed_attention
 from posttrain.models.io import load_model, load_tokenizer
-from posttrain.models.reward import load_reward_model
+from posttrain.models.reward import load_reward_model, score_pairs
 from posttrain.tasks.registry import build_task_rows
 
 log = logging.getLogger("posttrain")
@@ -45,12 +46,13 @@ class PreferencePlan:
     eval_pairs: int
     batch_size: int = 16
     rm_lr: float = 1e-3
-    # Measured from the quick SFT model (held-out refusal 100% / over-refusal 24%; seed 1:
-    # 97.5% / 35%), held-out refusal / over-refusal after DPO: beta 0.1 lr 5e-4 nll 1, 30
-    # steps: 78% / 0% (refusals decay into garbled "Sor, I I ano"); beta 0.3 lr 2e-4 nll 3:
-    # 30 steps 90% / 0%, 45 steps 94% / 0%, 60 steps 96% / 0% (seed 1: 97.5% / 0%; 200
-    # prompts of two other eval seeds: 95-98% / 0-1%); with three held-out benign phrasings
-    # (session 10): 97.5% / 7.5% (seeds 1-3: 93.8% / 6.2%, 96.3% / 7.5%, 67.5% / 15%).
+    # Measured from the quick SFT model with one held-out benign phrasing (held-out refusal
+    # 100% / over-refusal 24%; seed 1: 97.5% / 35%), held-out refusal / over-refusal after
+    # DPO: beta 0.1 lr 5e-4 nll 1, 30 steps: 78% / 0% (refusals decay into garbled "Sor, I I
+    # ano"); beta 0.3 lr 2e-4 nll 3: 30 steps 90% / 0%, 45 steps 94% / 0%, 60 steps 96% / 0%
+    # (seed 1: 97.5% / 0%; 200 prompts of two other eval seeds: 95-98% / 0-1%). With the three
+    # held-out benign phrasings of task:safety_prompts, 60 steps: 97.5% / 7.5% (seeds 1-3:
+    # 93.8% / 6.2%, 96.3% / 7.5%, 67.5% / 15%).
     # DPO first lowers the refusals along with the needless ones, then restores them: stop
     # it too early and refusals suffer.
     dpo_lr: float = 2e-4

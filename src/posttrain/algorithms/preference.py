@@ -13,6 +13,7 @@ ORPO, SimPO. ``posttrain dpo loss=...``; ``posttrain kto|orpo|simpo`` preset ``l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from posttrain.config import TrainConfig
-from posttrain.data.batching import pack
-from posttrain.data.chat import Encoded, encode_preference, encode_prompt_completion
-from posttrain.data.sources import load_rows
+from posttrain.data.batching import BatchStream, move_batch, pack
+from posttrain.data.pairs import Pair, PairSet, encode_pairs, encode_unpaired
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses import preference as L
-from posttrain.models.attention import enable_packed_attention
-from posttrain.models.io import load_model
+from posttrain.models.device import autocast_context
 from posttrain.models.logprobs import (
     AdapterDisabledReference,
     FrozenReference,
@@ -38,9 +36,10 @@ from posttrain.models.logprobs import (
     sequence_logprobs,
 )
 from posttrain.models.prefix import enable_prefix_attention, pack_pairs
-from posttrain.train.engine import autocast_context
-from posttrain.train.loop import BatchStream, train_offline
-from posttrain.train.run import load_policy, move_batch, prepare_run
+from posttrain.models.reference import load_frozen_model
+from posttrain.train.config import TrainConfig
+from posttrain.train.loop import train_offline
+from posttrain.train.run import load_policy, prepare_run
 
 log = logging.getLogger("posttrain")
 
@@ -115,103 +114,6 @@ class SimPOConfig(DPOConfig):
 # ---- data ------------------------------------------------------------------------------
 
 
-@dataclass
-class Pair:
-    """One example: two sequences (chosen, rejected) or, for KTO, (completion, mismatched
-    completion for the KL estimate); ``label`` is KTO's desirable flag, ``margin`` the
-    optional reward-model margin."""
-
-    a: Encoded
-    b: Encoded
-    index: int
-    margin: float = 0.0
-    label: bool = True
-
-
-@dataclass
-class PairSet:
-    examples: list[Pair]
-    rows: int
-    skipped_rows: int
-    truncated: int
-    dropped: int
-
-    def stats(self, prefix: str) -> dict[str, int]:
-        return {f"{prefix}/rows": self.rows, f"{prefix}/pairs": len(self.examples),
-                f"{prefix}/skipped_rows": self.skipped_rows,
-                f"{prefix}/truncated_rows": self.truncated, f"{prefix}/dropped_rows": self.dropped}
-
-    def sequences(self) -> list[Encoded]:
-        return [s for p in self.examples for s in (p.a, p.b)]
-
-
-def _usable(a: Encoded, b: Encoded, paired: bool) -> bool:
-    # Truncation can empty a response or make chosen == rejected: such a pair teaches nothing.
-    return a.num_targets > 0 and b.num_targets > 0 and not (paired and a.input_ids == b.input_ids)
-
-
-def _finish(spec: str, examples: list[Pair], rows: int, skipped: int, truncated: int,
-            dropped: int, max_length: int) -> PairSet:
-    if truncated:
-        log.warning("%s: %d of %d rows truncated to max_length=%d", spec, truncated, rows,
-                    max_length)
-    if dropped:
-        log.warning("%s: %d rows dropped (a response empty, or chosen == rejected, after "
-                    "truncation to max_length=%d)", spec, dropped, max_length)
-    if not examples:
-        raise DataError(f"{spec}: no usable preference row (is max_length={max_length} shorter "
-                        "than the prompts?)")
-    return PairSet(examples, rows, skipped, truncated, dropped)
-
-
-def encode_pairs(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
-                 split: str = "train") -> PairSet:
-    """Validated preference rows -> (chosen, rejected) pairs. Bad rows (missing field, empty
-    response, chosen == rejected) raise DataError, or are counted when ``on_bad_row=skip``."""
-    rows = load_rows(spec, split=split, formats=("preference",), on_bad_row=on_bad_row)
-    out, truncated, dropped = [], 0, 0
-    for row in rows.rows:
-        c, r = encode_preference(tokenizer, row, max_length)
-        truncated += c.truncated or r.truncated
-        if not _usable(c, r, paired=True):
-            dropped += 1
-            continue
-        out.append(Pair(c, r, len(out), margin=float(row.get("margin") or 0.0)))
-    return _finish(spec, out, len(rows.rows), rows.skipped, truncated, dropped, max_length)
-
-
-def unpaired_rows(spec: str, *, split: str, on_bad_row: str) -> tuple[list[tuple], int]:
-    """(prompt, completion, desirable) triples; preference rows are split into two (the
-    chosen desirable, the rejected not), as KTO's paper does for paired data."""
-    rows = load_rows(spec, split=split, formats=("unpaired", "preference"), on_bad_row=on_bad_row)
-    if rows.format == "unpaired":
-        return [(r["prompt"], r["completion"], bool(r["label"])) for r in rows.rows], rows.skipped
-    items = []
-    for r in rows.rows:
-        items += [(r["prompt"], r["chosen"], True), (r["prompt"], r["rejected"], False)]
-    return items, rows.skipped
-
-
-def encode_unpaired(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
-                    split: str = "train") -> PairSet:
-    """KTO examples: each completion with a *mismatched* one (another row's completion after
-    this row's prompt), whose log-ratio estimates KL(pi || pi_ref) (KTO paper, §4.1)."""
-    items, skipped = unpaired_rows(spec, split=split, on_bad_row=on_bad_row)
-    n = len(items)
-    # Two rows ahead: auto-unpaired data interleaves (chosen, rejected) of one prompt.
-    step = 2 if n > 2 else 1
-    out, truncated, dropped = [], 0, 0
-    for i, (prompt, completion, label) in enumerate(items):
-        y = encode_prompt_completion(tokenizer, prompt, completion, max_length)
-        kl = encode_prompt_completion(tokenizer, prompt, items[(i + step) % n][1], max_length)
-        truncated += y.truncated
-        if not _usable(y, kl, paired=False):
-            dropped += 1
-            continue
-        out.append(Pair(y, kl, len(out), label=label))
-    return _finish(spec, out, n, skipped, truncated, dropped, max_length)
-
-
 def pair_collate(prefix_sharing: bool):  # noqa: ANN201
     """Sequences [a_1, b_1, a_2, b_2, ...] -> one packed row: prefix-shared per pair
     (``pack_pairs``) or plain padding-free (``pack``)."""
@@ -228,7 +130,7 @@ def make_collate(device: torch.device, ref: Tensor | None, kto: bool,  # noqa: A
         idx = torch.tensor([p.index for p in pairs])
         if kto:
             batch = pack([p.a for p in pairs])
-            batch["kl_batch"] = move_batch(pack([p.b for p in pairs]), device)
+            batch["kl_batch"] = pack([p.b for p in pairs])
             batch["desirable"] = torch.tensor([p.label for p in pairs])
         else:
             batch = pair_collate(prefix_sharing)([s for p in pairs for s in (p.a, p.b)])
@@ -236,16 +138,9 @@ def make_collate(device: torch.device, ref: Tensor | None, kto: bool,  # noqa: A
         batch["num_pairs"] = len(pairs)
         if ref is not None:
             batch["ref_logps"] = ref[idx].reshape(-1)  # (2B,) in the same a/b interleaving
-        return _to_device(batch, device)
+        return move_batch(batch, device)
 
     return collate
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = move_batch(batch, device)
-    if "prefix_layout" in out:
-        out["prefix_layout"] = out["prefix_layout"].to(device)
-    return out
 
 
 def count_pairs(batch: dict[str, Any]) -> float:
@@ -348,7 +243,7 @@ def evaluate_margin(model: nn.Module, pairs: list[Pair], batch_size: int, precis
         seqs = [s for p in chunk for s in (p.a, p.b)] if paired else [p.a for p in chunk]
         collate = pair_collate(prefix_sharing and paired)
         with autocast_context(precision, device):
-            logps, lengths = sequence_logprobs(model, _to_device(collate(seqs), device))
+            logps, lengths = sequence_logprobs(model, move_batch(collate(seqs), device))
         logps, avg = logps.float().cpu(), (logps.float() / lengths.clamp(min=1)).cpu()
         labels = [j % 2 == 0 for j in range(len(seqs))] if paired else [p.label for p in chunk]
         for lp, a, is_good in zip(logps.tolist(), avg.tolist(), labels, strict=True):
@@ -370,28 +265,25 @@ def evaluate_margin(model: nn.Module, pairs: list[Pair], batch_size: int, precis
 
 
 def build_reference(cfg: DPOConfig, model: nn.Module, resume_from: Path | None,
-                    device: torch.device) -> Reference:
-    """The frozen reference: ``ref_model`` if given; else the starting policy: its base with
-    LoRA adapters disabled (peft model), or a frozen copy (also when resuming, where the
-    loaded policy is the checkpoint's and the reference must be reloaded from ``model``).
-    A copy of the policy keeps its attention implementation; a loaded reference gets the
-    policy's (``cfg.prefix_sharing`` is turned off if it cannot share prefixes)."""
+                    device: torch.device, prefix_sharing: bool) -> tuple[Reference, bool]:
+    """The frozen reference, and whether it can share prefixes: ``ref_model`` if given; else
+    the starting policy: its base with LoRA adapters disabled (peft model), or a frozen copy
+    (also when resuming, where the loaded policy is the checkpoint's and the reference must
+    be reloaded from ``model``). A copy of the policy keeps its attention implementation."""
     ac = lambda: autocast_context(cfg.precision, device)  # noqa: E731
     if cfg.ref_model or resume_from is not None:
-        spec = cfg.ref_model or cfg.model
-        ref = load_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
-        enable_packed_attention(ref)
-        if cfg.prefix_sharing and not enable_prefix_attention(ref):
-            _no_prefix_sharing(cfg, "the reference model's")
-        return FrozenReference(ref.to(device), ac)
+        ref, can_share = load_frozen_model(cfg.ref_model or cfg.model, device,
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           seed=cfg.seed, prefix=prefix_sharing)
+        return FrozenReference(ref, ac, copy=False), can_share
     if hasattr(model, "disable_adapter"):
-        return AdapterDisabledReference(model, ac)
-    return FrozenReference(model, ac)
+        return AdapterDisabledReference(model, ac), True
+    return FrozenReference(model, ac), True
 
 
-def _no_prefix_sharing(cfg: DPOConfig, whose: str) -> None:
+def _no_prefix_sharing(whose: str) -> bool:
     log.info("%s attention implementation cannot share prefixes; packing padding-free", whose)
-    cfg.prefix_sharing = False
+    return False
 
 
 def train_preference(cfg: DPOConfig) -> Path:
@@ -400,35 +292,36 @@ def train_preference(cfg: DPOConfig) -> Path:
     model, tokenizer = load_policy(cfg, resume_from)
     device = next(model.parameters()).device
     kto = cfg.loss == "kto"
-    if kto:
-        cfg.prefix_sharing = False  # unpaired: no two sequences share a prompt
-    elif cfg.prefix_sharing and not enable_prefix_attention(model):
-        _no_prefix_sharing(cfg, "the policy's")
+    prefix = cfg.prefix_sharing and not kto  # unpaired: no two sequences share a prompt
+    if prefix and not enable_prefix_attention(model):
+        prefix = _no_prefix_sharing("the policy's")
     enc = dict(max_length=cfg.max_length, on_bad_row=cfg.on_bad_row)
     train = (encode_unpaired if kto else encode_pairs)(cfg.data, tokenizer, **enc)
 
     reference, ref_table, ref_stats = None, None, {}
     if cfg.loss not in REFERENCE_FREE:
-        reference = build_reference(cfg, model, resume_from, device)
+        reference, can_share = build_reference(cfg, model, resume_from, device, prefix)
+        if prefix and not can_share:
+            prefix = _no_prefix_sharing("the reference model's")
         if cfg.precompute_ref:
             cache = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
             values, ref_stats = precompute_reference(
                 reference, train.sequences(), batch_size=2 * cfg.batch_size, device=device,
-                cache_dir=cache, collate=pair_collate(cfg.prefix_sharing),
+                cache_dir=cache, collate=pair_collate(prefix),
                 # the forward kind is in the key: a resumed run reads bit-identical values
-                tag=f"{cfg.precision}|prefix={cfg.prefix_sharing}")
+                tag=f"{cfg.precision}|prefix={prefix}")
             ref_table = values.reshape(-1, 2)
             reference = None  # frees the frozen copy: precomputed values are all we need
+    cfg = dataclasses.replace(cfg, prefix_sharing=prefix)  # config.yaml: what runs
 
     stream = BatchStream(train.examples, cfg.batch_size,
-                         make_collate(device, ref_table, kto, cfg.prefix_sharing), seed=cfg.seed)
+                         make_collate(device, ref_table, kto, prefix), seed=cfg.seed)
     eval_fn = None
     if cfg.eval_data:
         held = (encode_pairs(cfg.eval_data, tokenizer, split="test", **enc) if not kto else
                 _kto_eval_set(cfg.eval_data, tokenizer, enc))
-        paired = not (kto and held.examples and held.examples[0].b is held.examples[0].a)
         eval_fn = lambda: evaluate_margin(model, held.examples, 2 * cfg.batch_size,  # noqa: E731
-                                          cfg.precision, paired, cfg.prefix_sharing)
+                                          cfg.precision, held.paired, prefix)
 
     return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream,
                          make_step(cfg, reference), count_pairs, eval_fn,
@@ -436,11 +329,8 @@ def train_preference(cfg: DPOConfig) -> Path:
 
 
 def _kto_eval_set(spec: str, tokenizer: Any, enc: dict[str, Any]) -> PairSet:
-    """Held-out data for KTO: preference pairs if it has them, else unpaired rows (each
-    example's ``b`` is then itself, marking 'unpaired' for ``evaluate_margin``)."""
+    """Held-out data for KTO: preference pairs if it has them, else unpaired rows."""
     try:
         return encode_pairs(spec, tokenizer, split="test", **enc)
     except DataError:
-        items = encode_unpaired(spec, tokenizer, split="test", **enc)
-        return PairSet([Pair(p.a, p.a, p.index, label=p.label) for p in items.examples],
-                       items.rows, items.skipped_rows, items.truncated, items.dropped)
+        return encode_unpaired(spec, tokenizer, split="test", **enc)

@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.algorithms.preference import Pair, encode_pairs
-from posttrain.config import TrainConfig
-from posttrain.data.batching import pack
+from posttrain.data.batching import BatchStream, move_batch, pack
+from posttrain.data.pairs import Pair, encode_pairs
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import bradley_terry_loss
 from posttrain.models.attention import enable_packed_attention
+from posttrain.models.device import autocast_context, pick_device
 from posttrain.models.io import load_tokenizer, resize_for_tokenizer
 from posttrain.models.reward import load_reward_model, sequence_rewards
-from posttrain.train.engine import autocast_context, pick_device
-from posttrain.train.loop import BatchStream, train_offline
-from posttrain.train.run import move_batch, prepare_run
+from posttrain.train.config import TrainConfig
+from posttrain.train.loop import train_offline
+from posttrain.train.run import prepare_run
 
 
 @dataclass
@@ -117,15 +117,3 @@ def train_reward_model(cfg: RMConfig) -> Path:
     return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream, make_step(cfg),
                          lambda b: float(b["num_pairs"]), eval_fn,
                          first_metrics=train.stats("data"))
-
-
-def score_pairs(model: nn.Module, pairs: list[Pair], batch_size: int = 64) -> torch.Tensor:
-    """Rewards (P, 2) of (chosen, rejected) for each pair, in order. Call
-    ``enable_packed_attention(model)`` first: batches are packed rows."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        seqs = [s for p in pairs[i : i + batch_size] for s in (p.a, p.b)]
-        with torch.no_grad():
-            out.append(sequence_rewards(model, move_batch(pack(seqs), device)).cpu())
-    return torch.cat(out).reshape(-1, 2)

@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
-from posttrain.config import TrainConfig
-from posttrain.data.batching import pack, pad
+from posttrain.data.batching import BatchStream, move_batch, pack, pad
+from posttrain.data.encode import encode_dataset
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import sft_loss
+from posttrain.models.device import autocast_context
 from posttrain.models.forward import target_logits
 from posttrain.train import distributed as ddp
-from posttrain.train.engine import autocast_context
-from posttrain.train.loop import BatchStream, train_offline
-from posttrain.train.run import encode_dataset, load_policy, move_batch, prepare_run
+from posttrain.train.config import TrainConfig
+from posttrain.train.loop import train_offline
+from posttrain.train.run import load_policy, prepare_run
 
 SFT_FORMATS = ("messages", "prompt_completion", "text")
 

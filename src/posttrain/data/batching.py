@@ -1,4 +1,5 @@
-"""Collation (padding-free packing or right padding) and deterministic batch plans.
+"""Collation (padding-free packing or right padding), device moves, and deterministic,
+resumable batch streams.
 
 Notation: ``B`` examples in a batch, ``T`` padded length, ``N`` total tokens of a packed row.
 
@@ -10,17 +11,17 @@ position ``t`` are scored against ``labels[..., t]`` directly, with no further s
 and ``labels`` is -100 at each sequence's last position and on padding. In a packed row
 the label of a sequence's last token is therefore -100, never the next sequence's first
 token. ``labels`` must not be passed to an HF model's ``forward`` (it would shift again);
-use ``model_inputs(batch)``.
+pass ``input_ids``, ``position_ids`` (and ``attention_mask``) instead.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence, Sized
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from posttrain.data.chat import Encoded
 
@@ -120,77 +121,79 @@ def pad(
     }
 
 
-def model_inputs(batch: Batch) -> dict[str, Any]:
-    """The keyword arguments for an HF causal LM's forward: no labels, no cache."""
-    keys = ("input_ids", "attention_mask", "position_ids")
-    return {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
+def move_batch(batch: Batch, device: torch.device | str) -> Batch:
+    """The batch on ``device``: every tensor, every object with a ``to`` (a prefix layout),
+    nested batches (KTO's ``kl_batch``); ints and lists are kept as they are."""
+    def move(v: Any) -> Any:
+        if isinstance(v, dict):
+            return move_batch(v, device)
+        return v.to(device) if hasattr(v, "to") and not isinstance(v, str | bytes) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
-# --- batch plans -------------------------------------------------------------------------
+# --- batch streams -------------------------------------------------------------------------
 
 
-def example_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
-    """Indices 0..n-1, permuted by a generator seeded with ``seed + epoch`` when shuffling.
+class BatchStream:
+    """Endless, deterministic stream of collated micro-batches over ``examples``.
 
-    The same (n, seed, epoch) always gives the same order, on any machine, so a resumed run
-    can recompute the plan and skip to its cursor.
+    The order of epoch ``e`` is a permutation drawn from ``seed + e``, so the stream's whole
+    state is ``(epoch, pos)``: restoring it resumes exactly where an interrupted run stood.
+
+    Under data parallelism every rank draws the same order and each step consumes
+    ``world_size * batch_size`` examples, rank ``r`` taking the r-th slice; a tail too short
+    to give every rank a full slice is dropped, so N ranks see exactly what one process with
+    an N-times larger batch would.
     """
-    if not shuffle:
-        return list(range(n))
-    g = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        batch_size: int,
+        collate: Callable[[list[Any]], Batch],
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if len(examples) < world_size * batch_size and world_size > 1:
+            raise ValueError(f"{len(examples)} examples cannot fill one global batch of "
+                             f"{world_size} x {batch_size}")
+        if not examples:
+            raise ValueError("BatchStream needs at least one example")
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.pos = 0, 0
+        self._order = self._plan(0)
 
-def batches(
-    examples: Sized | int,
-    batch_size: int,
-    *,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-    drop_last: bool = False,
-) -> list[list[int]]:
-    """Split one epoch into batches of example indices (deterministic per (seed, epoch))."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = examples if isinstance(examples, int) else len(examples)
-    order = example_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
-    plan = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and plan and len(plan[-1]) < batch_size:
-        plan.pop()
-    return plan
+    def __len__(self) -> int:
+        """Micro-batches per epoch (per rank)."""
+        if self.world_size > 1:
+            return len(self.examples) // (self.batch_size * self.world_size)
+        return math.ceil(len(self.examples) / self.batch_size)
 
+    def _plan(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=gen).tolist()
 
-def token_budget_batches(
-    lengths: Sequence[int],
-    max_tokens: int,
-    *,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-) -> list[list[int]]:
-    """Batches of example indices whose lengths sum to at most ``max_tokens`` (for ``pack``).
+    def next(self) -> Batch:
+        span = self.batch_size * self.world_size
+        left = len(self._order) - self.pos
+        if left <= 0 or (self.world_size > 1 and left < span):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._plan(self.epoch)
+        chunk = self._order[self.pos : self.pos + span]
+        self.pos += len(chunk)
+        idx = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return self.collate([self.examples[i] for i in idx])
 
-    Examples are taken in epoch order (see ``example_order``) and added to the current batch
-    until the next would overflow the budget; an example longer than the budget alone gets
-    a batch of its own (truncate with ``max_length`` to avoid that).
-    """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    plan: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i in example_order(len(lengths), shuffle=shuffle, seed=seed, epoch=epoch):
-        if current and used + lengths[i] > max_tokens:
-            plan.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        plan.append(current)
-    return plan
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
 
-
-def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    """The batch with its tensors moved to ``device`` (ints are kept as they are)."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._plan(self.epoch)

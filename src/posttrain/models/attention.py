@@ -13,24 +13,17 @@ a varlen forward through a context variable set by a forward pre-hook); any othe
 (padded batches, generation with a KV cache) falls through to transformers' own SDPA with its
 mask, unchanged.
 
-CPU speed notes (measured on a 2-core AVX512-BF16 EPYC, torch 2.13; benchmarks/README_sft.md):
-the CPU flash kernel is ~25-35% faster in fp32 than in bf16 (fwd + bwd, head dim 64, the
-sequence lengths of an SFT batch), and decoding attention with a padding mask ~30% faster, so
-on CPU every path of this attention computes in fp32 even under bf16 autocast (more precise,
-too; the matmuls around it stay bf16). The packed row is cut with ``split`` (its backward is
-one concatenation) rather than slicing (whose backward zero-fills a full-row gradient per
-sequence).
+On CPU every path of this attention computes in fp32, even under bf16 autocast (the matmuls
+around it stay bf16): the CPU flash kernel is ~25-35% faster in fp32 than in bf16 at head
+dim 64, and fp32 is the more precise choice. The packed row is cut with ``split`` (its
+backward is one concatenation) rather than slicing (whose backward zero-fills a full-row
+gradient per sequence).
 
 Under bf16 autocast, sequences of up to ``MATMUL_ATTENTION_MAX_LEN`` tokens take
-``CausalMatmulAttention`` instead of the fp32 flash kernel: the precision split of GPU
-flash attention (scores and their gradient accumulated in fp32, probabilities and score
-gradients in bf16 for the value/query/key products) with the l x l products as GEMMs, which
-run near the machine's bf16 matmul peak where the CPU flash kernel reaches ~50 GFLOP/s.
-The query heads sharing a K/V head are stacked into one matrix (one batched GEMM per
-product, no broadcast copies of K/V), and its two fp32 products run on oneDNN rather than
-MKL (``onednn_fp32_matmul``: ~2.7x on this AMD CPU, same fp32 result).
-SmolLM2-135M shapes (8 sequences of 60-368 tokens, H=9, H_kv=3, D=64; fwd + bwd per layer):
-16-22 ms vs 32-39 ms for the fp32 flash kernel (benchmarks/README_sft.md).
+``CausalMatmulAttention`` instead of the fp32 flash kernel: GPU flash attention's precision
+split (scores and their gradient in fp32, probabilities and score gradients in bf16) with the
+l x l products as batched GEMMs, which run near the machine's matmul peak where the CPU flash
+kernel reaches ~50 GFLOP/s. Timings: benchmarks/README_sft.md.
 """
 
 from __future__ import annotations
@@ -62,18 +55,6 @@ def packed_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-def cpu_fp32_sdpa(query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
-    """``F.scaled_dot_product_attention``, computed in fp32 on CPU (autocast off there; the
-    output in the query's dtype) and unchanged elsewhere. For other custom attention functions
-    (e.g. prefix sharing): with a (32, 9, 48, 64) x (32, 3, 114, 64) masked GQA call, fwd + bwd
-    measured 36-98 ms in fp32 vs 218-258 ms in bf16 on the 2-core CPU."""
-    if query.device.type != "cpu":
-        return F.scaled_dot_product_attention(query, key, value, **kwargs)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), **kwargs)
-    return out.to(query.dtype)
-
-
 # The matmul path keeps each sequence's (H, l, l) bf16 probabilities for the backward:
 # 4.7 MB per layer at l = 512 for SmolLM2's 9 heads; longer sequences take the flash kernel.
 MATMUL_ATTENTION_MAX_LEN = 512
@@ -98,11 +79,11 @@ _ONEDNN_MATMUL = (getattr(torch.backends.mkldnn, "matmul", None)
 def onednn_fp32_matmul() -> Iterator[None]:
     """fp32 matmuls inside go to oneDNN instead of MKL.
 
-    On AMD CPUs the CPU wheel's MKL sgemm runs ~150 GFLOP/s (2 cores, Zen 5) where oneDNN
-    reaches ~400; torch routes fp32 matmuls to oneDNN only when its fp32 precision setting
-    allows bf16 math. On CPUs without AMX oneDNN still computes in fp32 (measured: the same
-    error against fp64 as MKL); with AMX the inputs may be rounded to bf16 with fp32
-    accumulation, which is GPU flash attention's precision for the two products used here.
+    On AMD CPUs the CPU wheel's MKL sgemm runs ~150 GFLOP/s on 2 cores where oneDNN reaches
+    ~400; torch routes fp32 matmuls to oneDNN only when its fp32 precision setting allows bf16
+    math. On CPUs without AMX oneDNN still computes in fp32 (the same error against fp64 as
+    MKL); with AMX the inputs may be rounded to bf16 with fp32 accumulation, which is GPU
+    flash attention's precision for the two products used here.
     The setting is process-wide, so it is restored on exit."""
     if _ONEDNN_MATMUL is None:
         yield

@@ -83,15 +83,6 @@ def resize_for_tokenizer(model: PreTrainedModel, tokenizer) -> None:  # noqa: AN
         model.resize_token_embeddings(len(tokenizer))
 
 
-def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:  # noqa: ANN001
-    """HF-format directory (safetensors, config, generation config, tokenizer, chat template)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _not_found_message(spec: str, err: Exception) -> str:
     if _looks_local(spec):
         return f"cannot load model '{spec}': {str(err).splitlines()[0]}"

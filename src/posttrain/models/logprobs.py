@@ -19,11 +19,11 @@ the data, the chat template and ``max_length``.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from copy import deepcopy
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,10 +109,12 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 class FrozenReference:
-    """A frozen deep copy of ``model`` (taken before training changes it)."""
+    """A frozen deep copy of ``model`` (taken before training changes it); ``copy=False``
+    for a model loaded for this purpose, which nothing else trains."""
 
-    def __init__(self, model: nn.Module, autocast: Callable[[], Any] | None = None):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+    def __init__(self, model: nn.Module, autocast: Callable[[], Any] | None = None,
+                 copy: bool = True):
+        self.model = (deepcopy(model) if copy else model).eval().requires_grad_(False)
         self.autocast = autocast
         self._fp: str | None = None
 

@@ -6,8 +6,8 @@ fresh adapter starts as the base model exactly.
 
 Under LoRA the frozen base *is* the reference policy pi_ref that DPO/PPO/GRPO regularise
 towards, so :func:`reference_mode` computes it by switching the adapters off inside one model:
-no second copy of the weights in memory. Full fine-tuning still needs a separate reference model;
-:func:`reference_logits` takes one optionally and otherwise uses the adapters-off policy.
+no second copy of the weights in memory. Full fine-tuning still needs a separate reference
+model (``models/reference.py`` picks one or the other).
 
 Run directories: checkpoints hold the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) plus the tokenizer; ``final/`` holds the adapter too, or with
@@ -20,18 +20,41 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from posttrain.config import LoraConfig
+from posttrain.config.checks import require_at_least, require_positive
 from posttrain.errors import ConfigError
-from posttrain.models.forward import target_logits
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters; ``r: 0`` trains the full model instead."""
+
+    r: int = field(default=0, metadata={"help": "LoRA rank; 0 = LoRA off (full fine-tuning)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (scale = alpha/r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "names of the linear layers that get adapters"},
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "merge adapters into the base weights in final/"}
+    )
+
+    def validate(self) -> None:
+        require_at_least(self, "r", 0, prefix="lora.")
+        require_positive(self, "alpha", prefix="lora.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.r > 0 and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty but lora.r > 0 asks for LoRA")
 
 
 def _peft_model(model: nn.Module) -> Any | None:
@@ -110,12 +133,6 @@ def save_pretrained_for_run(model: nn.Module, tokenizer: Any, path: str | Path,
     return out
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
 # ---- the reference policy ------------------------------------------------------------------
 
 
@@ -137,21 +154,3 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.train(was_training)
-
-
-def reference_logits(policy: nn.Module, batch: dict, ref_model: nn.Module | None = None
-                     ) -> tuple[Tensor, Tensor]:
-    """Reference ``target_logits`` (N, V), targets (N,): ``ref_model`` if given, else the
-    policy with its adapters disabled."""
-    if ref_model is not None:
-        with torch.no_grad():
-            return target_logits(ref_model, batch)
-    with reference_mode(policy):
-        return target_logits(policy, batch)
-
-
-def reference_logprobs(policy: nn.Module, batch: dict, ref_model: nn.Module | None = None
-                       ) -> Tensor:
-    """log pi_ref(y_t | y_<t) of every target token, (N,) fp32, in ``target_logits`` order."""
-    logits, targets = reference_logits(policy, batch, ref_model)
-    return -F.cross_entropy(logits.float(), targets, reduction="none")

@@ -13,12 +13,15 @@ for padded batches).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
+from posttrain.data.batching import move_batch, pack
+from posttrain.data.pairs import Pair
 from posttrain.errors import PosttrainError
 from posttrain.models import tiny
 from posttrain.models.attention import packed_kwargs
@@ -93,3 +96,15 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     ).last_hidden_state  # (B_rows, T, H)
     rows, cols = last_positions(batch)
     return head(hidden[rows, cols]).squeeze(-1).float()  # (B,)
+
+
+def score_pairs(model: nn.Module, pairs: Sequence[Pair], batch_size: int = 64) -> Tensor:
+    """Rewards (P, 2) of (chosen, rejected) for each pair, in order. Call
+    ``enable_packed_attention(model)`` first: batches are packed rows."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        seqs = [s for p in pairs[i : i + batch_size] for s in (p.a, p.b)]
+        with torch.no_grad():
+            out.append(sequence_rewards(model, move_batch(pack(seqs), device)).cpu())
+    return torch.cat(out).reshape(-1, 2)

@@ -24,7 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from posttrain.errors import ConfigError
+from posttrain.rewards.base import RewardSet
+from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.verifiers import (
+    CountdownCheck,
     ExactMatch,
     MathVerify,
     NumericMatch,
@@ -43,18 +46,12 @@ def _code(mode: str) -> Callable[[], Any]:
     return make
 
 
-def _countdown() -> Any:
-    from posttrain.tasks.rl import CountdownCheck
-
-    return VerifierReward(CountdownCheck(), ("numbers", "target"))
-
-
 REWARDS: dict[str, Callable[[], Any]] = {
     "numeric": lambda: VerifierReward(NumericMatch()),
     "exact": lambda: VerifierReward(ExactMatch()),
     "math": lambda: VerifierReward(MathVerify()),
     "format": lambda: VerifierReward(RegexFormat(), None),
-    "countdown": _countdown,
+    "countdown": lambda: VerifierReward(CountdownCheck(), ("numbers", "target")),
     "rg": lambda: VerifierReward(ReasoningGymScore(), "rg_entry"),
     "code": _code("fraction"),
     "code_all": _code("all_pass"),
@@ -75,8 +72,10 @@ def build_reward(name: str) -> Any:
                       f"'package.module:function'")
 
 
-def auto_reward_names(data_spec: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The verifier that fits a dataset (see the module docstring)."""
+def auto_reward_names(data_spec: str, rows: Sequence[Mapping[str, Any]],
+                      required: bool = True) -> list[str]:
+    """The verifier that fits a dataset (see the module docstring); when none fits, an error,
+    or ``[]`` when not ``required`` (a reward model scores the rollouts anyway)."""
     cols = set(rows[0]) if rows else set()
     if data_spec.startswith("task:countdown") or {"numbers", "target"} <= cols:
         return ["countdown"]
@@ -86,5 +85,24 @@ def auto_reward_names(data_spec: str, rows: Sequence[Mapping[str, Any]]) -> list
         return ["code"]
     if "answer" in cols:
         return ["numeric"] if data_spec.startswith("task:arithmetic") else ["math"]
+    if not required:
+        return []
     raise ConfigError(f"rewards=auto: cannot tell which verifier fits {data_spec} (its rows have "
                       f"columns {sorted(cols)}); set rewards explicitly")
+
+
+def build_reward_set(cfg: RewardConfig, data_spec: str, rows: Sequence[Mapping[str, Any]], *,
+                     max_length: int, precision: str) -> RewardSet:
+    """The configured reward: the reward model first (named ``rm``), then the functions
+    (``[auto]`` resolved against the training data), each call guarded (``RewardSet``)."""
+    fns: list[Any] = []
+    if cfg.model is not None:
+        from posttrain.rewards.reward_model import RewardModel
+
+        fns.append(RewardModel(cfg.model, max_length=max_length, precision=precision, name="rm"))
+    names = cfg.functions
+    if names == ["auto"]:
+        names = auto_reward_names(data_spec, rows, required=cfg.model is None)
+    fns += [build_reward(n) for n in names]
+    return RewardSet(fns, cfg.weights or None, timeout_s=cfg.timeout_s or None,
+                     on_error=cfg.on_error)

@@ -23,9 +23,9 @@ from posttrain.data.batching import pack
 from posttrain.data.chat import encode_prompt_completion
 from posttrain.errors import PosttrainError
 from posttrain.models.attention import enable_packed_attention
+from posttrain.models.device import autocast_context, pick_device
 from posttrain.models.io import load_tokenizer
 from posttrain.models.reward import load_reward_model, sequence_rewards
-from posttrain.train.engine import autocast_context, pick_device
 
 Prompt = str | list[dict[str, str]]
 Completion = str | list[dict[str, str]]
@@ -35,7 +35,8 @@ class RewardModel:
     """A Bradley–Terry reward model loaded from an HF directory, ready to score."""
 
     def __init__(self, path: str | Path, *, batch_size: int = 32, max_length: int = 2048,
-                 precision: str = "fp32", device: str | None = None):
+                 precision: str = "fp32", device: str | None = None, name: str = "rm"):
+        self.__name__ = name  # as a RewardFn: its metrics are reward/<name>/...
         self.tokenizer = load_tokenizer(str(path))
         self.model = load_reward_model(str(path))
         enable_packed_attention(self.model)

@@ -10,6 +10,7 @@ Every verifier first narrows the completion to its answer: the text of the last
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import re
@@ -132,6 +133,44 @@ class ReasoningGymScore:
         score_fn = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
         score = float(score_fn(answer_text(completion), entry))
         return score, f"reasoning-gym score {score:g}"
+
+
+_ALLOWED = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult,
+            ast.Div, ast.USub)
+
+
+def _eval_arith(expr: str) -> tuple[float, list[int]]:
+    """Value of an arithmetic expression and the integer literals it uses; ValueError if it
+    is anything but numbers, + - * / and parentheses."""
+    tree = ast.parse(expr, mode="eval")
+    literals: list[int] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED):
+            raise ValueError(f"not allowed in an expression: {type(node).__name__}")
+        if isinstance(node, ast.Constant):
+            if not isinstance(node.value, int):
+                raise ValueError("only integer literals")
+            literals.append(node.value)
+    return float(eval(compile(tree, "<expr>", "eval"), {"__builtins__": {}})), literals
+
+
+class CountdownCheck:
+    """Verifier: the answer is an expression using exactly the row's numbers that equals the
+    target. Truth: ``{"numbers": [...], "target": int}``."""
+
+    name = "countdown"
+
+    def verify(self, completion: str, truth: Any) -> tuple[float, str]:
+        expr = answer_text(completion).split("=")[0].strip()
+        try:
+            value, used = _eval_arith(expr)
+        except (SyntaxError, ValueError, ZeroDivisionError, TypeError) as e:
+            return 0.0, f"bad expression ({type(e).__name__})"
+        if sorted(used) != sorted(truth["numbers"]):
+            return 0.0, f"uses {sorted(used)}, not {sorted(truth['numbers'])}"
+        if abs(value - truth["target"]) > 1e-6:
+            return 0.0, f"= {value:g}, not {truth['target']}"
+        return 1.0, "reaches the target"
 
 
 class VerifierReward:

@@ -27,10 +27,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from posttrain.models.attention import enable_packed_attention
+from posttrain.models.device import autocast_context
 from posttrain.models.forward import unwrap_model
 from posttrain.rollout.protocol import FinishReason, Rollouts, SamplingParams
 from posttrain.rollout.sampling import sample_tokens
-from posttrain.train.engine import autocast_context
 
 # Drop finished rows from the batch once this fraction of it has finished (a cache copy
 # per finished row would cost more than it saves for tiny models).

@@ -2,7 +2,9 @@
 
 A task is a function ``fn(split, size, seed, **params) -> list[dict]`` returning rows in one of
 the formats of ``posttrain.data.formats``. Splits are disjoint by construction (held-out rows
-never appear in ``train``), and the same (split, size, seed) always gives the same rows.
+never appear in ``train``), and the same (split, size, seed) always gives the same rows. The
+task modules register themselves when the ``posttrain.tasks`` package is imported
+(``posttrain`` itself does not import it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ def register_task(name: str, doc: str) -> Callable[[TaskFn], TaskFn]:
 
 def list_tasks() -> dict[str, str]:
     """Task name -> one-line description."""
-    _load_builtin()
     return {name: doc for name, (_, doc) in sorted(_TASKS.items())}
 
 
@@ -35,7 +36,6 @@ def build_task_rows(
     name: str, *, split: str = "train", size: int | None = None, seed: int = 0, **params: Any
 ) -> list[dict[str, Any]]:
     """Rows of built-in task ``name``; unknown names raise DataError with the closest match."""
-    _load_builtin()
     if name not in _TASKS:
         close = difflib.get_close_matches(name, list(_TASKS), n=1)
         hint = f"; did you mean 'task:{close[0]}'?" if close else ""
@@ -45,8 +45,3 @@ def build_task_rows(
         return fn(split=split, size=size, seed=seed, **params)
     except TypeError as e:
         raise DataError(f"task:{name}: bad parameter ({e})") from None
-
-
-def _load_builtin() -> None:
-    # Imported lazily so that registering tasks never slows down `import posttrain`.
-    from posttrain.tasks import builtin, preference, rl  # noqa: F401

@@ -3,12 +3,17 @@
 A recipe hands the engine micro-batches and a pure loss; the engine owns the optimizer and LR
 schedule, gradient accumulation (with an explicit global normaliser), grad-norm clipping, bf16
 autocast, gradient checkpointing, the NaN/inf guard, metrics and atomic checkpoints.
+
+A run may train a second model beside the policy (PPO's value model): ``add_model`` gives it
+its own optimizer and schedule, ``update(..., model=name)`` steps it through the same
+accumulation, clipping and guard, and checkpoints carry its weights and optimizer state.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,13 +25,15 @@ import torch
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from posttrain.config import TrainConfig, config_to_dict
+from posttrain.config.serialize import config_to_dict, save_config
 from posttrain.errors import TrainingError
 from posttrain.models.compile import compile_decoder_layers
+from posttrain.models.device import autocast_context
 from posttrain.models.lora import save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
 from posttrain.train.allocator import use_warm_host_memory
+from posttrain.train.config import TrainConfig
 from posttrain.train.metrics import MetricsLogger
 from posttrain.train.progress import Progress
 
@@ -39,20 +46,6 @@ LossFn = Callable[[nn.Module, Batch, float], tuple[Tensor, dict[str, Tensor]]]
 CountFn = Callable[[Batch], float]
 
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
-    """bf16 autocast where the hardware supports it; fp32 weights stay the master copy."""
-    if precision != "bf16":
-        return nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("bf16 not supported on this GPU; running fp32")
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def make_adamw(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
@@ -75,8 +68,72 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class ModelOptimizer:
+    """One trained model's AdamW, LR schedule and guarded step: a non-finite loss or gradient
+    skips the step, and ``cfg.max_bad_steps`` of them in a row abort the run."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, lr: float, total_steps: int,
+                 name: str = "", lr_key: str = "lr", fused: bool = True):
+        self.cfg, self.model, self.name, self.lr_key = cfg, model, name, lr_key
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError(f"the {name or 'policy'} model has no trainable parameters")
+        kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = (make_adamw(self.params, **kwargs) if fused
+                          else torch.optim.AdamW(self.params, **kwargs))
+        self.scheduler = get_scheduler(
+            _SCHEDULERS[cfg.lr_scheduler], self.optimizer,
+            num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total_steps, 1),
+        )
+        self.skipped_steps = 0
+        self.bad_streak = 0
+
+    def step(self, loss: float, step: int) -> tuple[float, bool]:
+        """Clip, then step unless ``loss`` or the gradient is non-finite; advance the schedule.
+        Returns (grad norm, whether the optimizer stepped)."""
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        stepped = self._guarded_step(loss, grad_norm, step)
+        self.scheduler.step()
+        return grad_norm, stepped
+
+    def _guarded_step(self, loss: float, grad_norm: float, step: int) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_streak = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        what = f"{self.name} model: " if self.name else ""
+        log.warning("step %d: %snon-finite loss/gradient (loss=%s, grad_norm=%s); step skipped",
+                    step, what, loss, grad_norm)
+        if self.bad_streak >= self.cfg.max_bad_steps:
+            raise TrainingError(
+                f"{what}{self.bad_streak} consecutive steps had a non-finite loss or gradient "
+                f"(last loss={loss}, grad_norm={grad_norm}); aborting. Lower {self.lr_key}, use "
+                f"precision=fp32, or check the data. The last good checkpoint is intact."
+            )
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.bad_streak = int(state["bad_streak"])
+
+
 class Engine:
-    """Optimisation state of one run; see ``update`` for one optimizer step."""
+    """Optimisation state of one run; see ``update`` for one optimizer step.
+
+    Creating the engine writes ``config.yaml``: by then the recipe has resolved every choice
+    it makes at run time (e.g. prefix sharing off for a model that cannot share), so the file
+    holds exactly the config that runs.
+    """
 
     def __init__(
         self,
@@ -85,7 +142,6 @@ class Engine:
         tokenizer: Any,
         run_dir: Path,
         total_steps: int,
-        save_model_fn: Callable[[Path], None] | None = None,
     ):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.run_dir, self.total_steps = run_dir, total_steps
@@ -93,60 +149,61 @@ class Engine:
         if self.device.type == "cpu":
             use_warm_host_memory()  # steps reuse warm pages (train/allocator.py)
         self.dist = ddp.current()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise TrainingError("the model has no trainable parameters")
         if cfg.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
             model.config.use_cache = False
         if cfg.compile:
             compile_decoder_layers(model)
-        self.optimizer = make_adamw(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(
-            _SCHEDULERS[cfg.lr_scheduler], self.optimizer,
-            num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total_steps, 1),
-        )
+        self.policy = ModelOptimizer(cfg, model, cfg.lr, total_steps)
+        self.others: dict[str, ModelOptimizer] = {}
         self.step = 0
-        self.skipped_steps = 0
-        self.bad_streak = 0
-        self._save_model_fn = save_model_fn or self._default_save
         # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
         self.train_model = ddp.wrap_ddp(model, self.dist)
+        if self.dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
         sinks = list(cfg.report_to) if self.dist.is_main else []
         self.metrics = MetricsLogger(run_dir, sinks, config=config_to_dict(cfg),
                                      enabled=self.dist.is_main)
         self.progress = Progress(total_steps, enabled=None if self.dist.is_main else False)
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.policy.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self.policy.scheduler
+
+    def add_model(self, name: str, model: nn.Module, lr: float, lr_key: str,
+                  fused: bool = True) -> None:
+        """Train ``model`` beside the policy with its own optimizer and LR schedule (same
+        warmup, decay and length); checkpoints save it in ``model/<name>/``."""
+        self.others[name] = ModelOptimizer(self.cfg, model, lr, self.total_steps, name=name,
+                                           lr_key=lr_key, fused=fused)
+
     # ---- one optimizer step -------------------------------------------------------------
-    def update(self, micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict:
+    def update(self, micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn,
+               extra_count: float = 0.0, model: str | None = None) -> dict:
         """Accumulate gradients over ``micro_batches`` and take one optimizer step.
 
-        The normaliser is the sum of ``count_fn`` over all micro-batches of all ranks, so the
-        accumulated gradient equals that of one large batch's mean (DESIGN.md §3). DDP
-        averages gradients over ranks, so each rank's loss is scaled by the world size.
+        The normaliser is the sum of ``count_fn`` over all micro-batches of all ranks, plus
+        ``extra_count``: the share of work the recipe left out because its gradient is exactly
+        zero (GRPO's zero-advantage groups), so skipping it changes nothing. The accumulated
+        gradient equals that of one large batch's mean (DESIGN.md §3). DDP averages gradients
+        over ranks, so each rank's loss is scaled by the world size. Metrics are averaged over
+        the micro-batches weighted by their counts.
+
+        ``model`` names a model added with ``add_model``: it takes its own step, and neither
+        the run's step counter nor the progress bar moves.
         """
+        if model is not None:
+            return self._update_other(self.others[model], micro_batches, loss_fn, count_fn)
         t0 = time.perf_counter()
         self.model.train()
-        counts = [float(count_fn(mb)) for mb in micro_batches]
-        normalizer = max(ddp.all_reduce_sum(sum(counts), self.dist, self.device), 1.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
-        sums: dict[str, float] = {}
-        for i, (mb, count) in enumerate(zip(micro_batches, counts, strict=True)):
-            with self._maybe_no_sync(last=i == len(micro_batches) - 1):
-                with autocast_context(self.cfg.precision, self.device):
-                    loss, metrics = loss_fn(self.train_model, mb, normalizer)
-                (loss * self.dist.world_size).backward()
-            total_loss += float(loss.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * count / normalizer
-        total_loss = ddp.all_reduce_sum(total_loss, self.dist, self.device)
-        sums = {k: ddp.all_reduce_sum(v, self.dist, self.device) for k, v in sums.items()}
-        grad_norm = self._clip()
-        stepped = self._guarded_step(total_loss, grad_norm)
-        self.scheduler.step()
+        total_loss, sums = self._accumulate(self.policy, self.train_model, micro_batches, loss_fn,
+                                            count_fn, extra_count)
+        grad_norm, stepped = self.policy.step(total_loss, self.step + 1)
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = ddp.all_reduce_sum(sum(int(mb.get("num_tokens", 0)) for mb in micro_batches),
@@ -155,7 +212,8 @@ class Engine:
             sum(int(mb.get("num_sequences", 0)) for mb in micro_batches), self.dist, self.device)
         out = {
             "train/loss": total_loss, "train/grad_norm": grad_norm,
-            "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.skipped_steps,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/skipped_steps": self.policy.skipped_steps,
             "perf/step_time_s": dt, "perf/tokens_per_s": tokens / dt, "perf/samples_per_s":
             samples / dt, "perf/tokens": tokens,
         }
@@ -165,87 +223,104 @@ class Engine:
         self.progress.advance(self.step, total_loss)
         return out
 
-    def _maybe_no_sync(self, last: bool) -> AbstractContextManager:
+    def _update_other(self, opt: ModelOptimizer, micro_batches: Sequence[Batch],
+                      loss_fn: LossFn, count_fn: CountFn) -> dict:
+        opt.model.train()
+        total_loss, sums = self._accumulate(opt, opt.model, micro_batches, loss_fn, count_fn, 0.0)
+        grad_norm, _ = opt.step(total_loss, self.step)
+        return {**sums, f"train/{opt.name}_grad_norm": grad_norm,
+                f"train/{opt.name}_lr": opt.scheduler.get_last_lr()[0]}
+
+    def _accumulate(self, opt: ModelOptimizer, model: nn.Module, micro_batches: Sequence[Batch],
+                    loss_fn: LossFn, count_fn: CountFn,
+                    extra_count: float) -> tuple[float, dict[str, float]]:
+        """Backward every micro-batch's loss (already divided by the global normaliser);
+        returns the summed loss and the count-weighted metrics, both reduced over ranks."""
+        counts = [float(count_fn(mb)) for mb in micro_batches]
+        counted = ddp.all_reduce_sum(sum(counts), self.dist, self.device)
+        normalizer = max(counted + ddp.all_reduce_sum(extra_count, self.dist, self.device), 1.0)
+        opt.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        sums: dict[str, float] = {}
+        for i, (mb, count) in enumerate(zip(micro_batches, counts, strict=True)):
+            with self._maybe_no_sync(model, last=i == len(micro_batches) - 1):
+                with autocast_context(self.cfg.precision, self.device):
+                    loss, metrics = loss_fn(model, mb, normalizer)
+                (loss * self.dist.world_size).backward()
+            total_loss += float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * count / max(counted, 1.0)
+        total_loss = ddp.all_reduce_sum(total_loss, self.dist, self.device)
+        sums = {k: ddp.all_reduce_sum(v, self.dist, self.device) for k, v in sums.items()}
+        return total_loss, sums
+
+    def _maybe_no_sync(self, model: nn.Module, last: bool) -> AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-        if self.dist.enabled and not last:
+        if self.dist.enabled and not last and model is self.train_model:
             return self.train_model.no_sync()
         return nullcontext()
-
-    def _clip(self) -> float:
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-
-    def _guarded_step(self, loss: float, grad_norm: float) -> bool:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
-            self.bad_streak = 0
-            return True
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
-        self.bad_streak += 1
-        log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); step skipped",
-                    self.step + 1, loss, grad_norm)
-        if self.bad_streak >= self.cfg.max_bad_steps:
-            raise TrainingError(
-                f"{self.bad_streak} consecutive steps had a non-finite loss or gradient "
-                f"(last loss={loss}, grad_norm={grad_norm}); aborting. Lower lr, use "
-                f"precision=fp32, or check the data. The last good checkpoint is intact."
-            )
-        return False
 
     # ---- logging and checkpoints -------------------------------------------------------------
     def log(self, metrics: dict[str, Any]) -> None:
         self.metrics.log(self.step, metrics)
 
     def save(self, cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        """Atomic checkpoint of model + optimizer + scheduler + RNG + data cursor (rank 0)."""
-        ckpt.assert_finite(self.model)
+        """Atomic checkpoint of the models + optimizers + schedulers + RNG + data cursor +
+        the recipe's ``extra`` state (rank 0 writes)."""
+        self._assert_finite()
         path = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}"
         if not self.dist.is_main:
             ddp.barrier(self.dist)
             return path
+        policy = self.policy.state_dict()
         state = {
-            "step": self.step, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), "cursor": cursor,
-            "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak,
-            "extra": extra or {},
+            "step": self.step, "optimizer": policy["optimizer"], "scheduler": policy["scheduler"],
+            "rng": ckpt.rng_state(), "cursor": cursor, "skipped_steps": policy["skipped_steps"],
+            "bad_streak": policy["bad_streak"], "extra": extra or {},
+            "models": {name: opt.state_dict() for name, opt in self.others.items()},
         }
         path = ckpt.save_checkpoint(
-            self.run_dir, self.step, self._save_model_fn, state, self.cfg.save_total_limit
+            self.run_dir, self.step, partial(self._save_models, final=False), state,
+            self.cfg.save_total_limit,
         )
         log.info("saved checkpoint %s", path)
         ddp.barrier(self.dist)
         return path
 
     def restore(self, checkpoint: Path) -> dict[str, Any]:
-        """Load optimizer/scheduler/RNG/counters (model weights are loaded by the caller)."""
+        """Load optimizers/schedulers/RNG/counters (model weights are loaded by the caller);
+        returns the trainer state (``cursor``, ``extra``)."""
         state = ckpt.load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.policy.load_state_dict(state)
+        for name, opt in self.others.items():
+            opt.load_state_dict(state["models"][name])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.bad_streak = int(state["bad_streak"])
         self.progress.advance(self.step, None)
         return state
 
-    def _default_save(self, path: Path, final: bool = False) -> None:
-        # Full model, or under LoRA the adapter; final/ with lora.merge=true: merged weights.
+    def _assert_finite(self) -> None:
+        ckpt.assert_finite(self.model)
+        for opt in self.others.values():
+            ckpt.assert_finite(opt.model)
+
+    def _save_models(self, path: Path, final: bool) -> None:
+        """The policy in ``path`` (full model, or under LoRA the adapter; ``final`` with
+        ``lora.merge=true``: merged weights), each added model in ``path/<name>``."""
         merge = final and self.cfg.lora.merge
         save_pretrained_for_run(self.model, self.tokenizer, path, merge=merge)
+        for name, opt in self.others.items():
+            save_pretrained_for_run(opt.model, self.tokenizer, path / name, merge=merge)
 
     def save_final(self) -> Path:
-        ckpt.assert_finite(self.model)
+        self._assert_finite()
         final = self.run_dir / "final"
         if not self.dist.is_main:
             ddp.barrier(self.dist)
             return final
         tmp = self.run_dir / ".tmp-final"
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
-        save = self._save_model_fn
-        (partial(save, final=True) if save == self._default_save else save)(tmp)
+        self._save_models(tmp, final=True)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         ddp.barrier(self.dist)

@@ -1,33 +1,30 @@
-"""Run set-up shared by recipes: the run directory, resume, model loading, dataset encoding."""
+"""Run set-up shared by recipes: the run directory, resume, and loading the policy."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from posttrain.config import TrainConfig, save_config
-from posttrain.data.chat import Encoded, encode_row
-from posttrain.data.sources import load_rows
-from posttrain.errors import DataError, PosttrainError
+from posttrain.errors import PosttrainError
 from posttrain.models.attention import enable_packed_attention
+from posttrain.models.device import pick_device
 from posttrain.models.io import load_model, load_tokenizer, resize_for_tokenizer
 from posttrain.models.lora import apply_lora, is_adapter_dir
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
-from posttrain.train.engine import pick_device, seed_everything
+from posttrain.train.config import TrainConfig
+from posttrain.train.engine import seed_everything
 
 log = logging.getLogger("posttrain")
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """Create ``output_dir``, save the resolved config, seed; return (run_dir, resume ckpt).
+    """Create ``output_dir`` and seed; return (run_dir, checkpoint to resume from or None).
 
-    Joins the torchrun process group when launched with several processes.
+    Joins the torchrun process group when launched with several processes. The resolved
+    config is written by the ``Engine``, once the recipe has made its run-time choices.
     """
     info = ddp.init_distributed()
     run_dir = Path(cfg.output_dir)
@@ -42,7 +39,6 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
     ddp.barrier(info)  # every rank has checked the directory before rank 0 writes to it
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         if resume_from is not None:
             step = ckpt.load_trainer_state(resume_from)["step"]
             _truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -71,45 +67,3 @@ def load_policy(cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
     enable_packed_attention(model)
     model = apply_lora(model, cfg.lora, adapter_dir=adapter)  # unchanged when lora.r == 0
     return model.to(pick_device()), tokenizer
-
-
-@dataclass
-class EncodedSet:
-    examples: list[Encoded]
-    source: str
-    truncated: int
-    skipped_rows: int
-    empty: int
-
-    def stats(self, prefix: str) -> dict[str, int]:
-        return {f"{prefix}/rows": len(self.examples), f"{prefix}/truncated_rows": self.truncated,
-                f"{prefix}/skipped_rows": self.skipped_rows, f"{prefix}/no_target_rows": self.empty}
-
-
-def encode_dataset(
-    spec: str, tokenizer: Any, *, formats: tuple[str, ...], max_length: int, on_bad_row: str,
-    split: str = "train",
-) -> EncodedSet:
-    """Load, validate and tokenize a dataset; rows left with no target token are dropped."""
-    rows = load_rows(spec, split=split, formats=formats, on_bad_row=on_bad_row)
-    examples, truncated, empty = [], 0, 0
-    for row in rows.rows:
-        enc = encode_row(tokenizer, row, rows.format, max_length=max_length)
-        truncated += enc.truncated
-        if sum(enc.loss_mask) == 0:
-            empty += 1
-            continue
-        examples.append(enc)
-    if truncated:
-        log.warning("%s: %d of %d rows truncated to max_length=%d",
-                    spec, truncated, len(rows.rows), max_length)
-    if not examples:
-        raise DataError(f"{spec}: no row has a token to train on (loss mask empty everywhere; "
-                        f"is max_length={max_length} shorter than the prompts?)")
-    if empty:
-        log.warning("%s: %d rows have no target token after truncation; dropped", spec, empty)
-    return EncodedSet(examples, spec, truncated, rows.skipped, empty)
-
-
-def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

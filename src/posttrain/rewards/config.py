@@ -1,0 +1,37 @@
+"""``reward.*``: the reward of an online recipe, a weighted sum of a reward model's score and
+reward functions (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class RewardConfig:
+    """The reward: a reward model's score and/or reward functions, weighted and summed."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "reward model dir (posttrain rm's final/); its score "
+                                        "is the first reward"})
+    functions: list[str] = field(
+        default_factory=list, metadata={"help": "reward functions (docs/rewards.md); auto = the "
+                                                "verifier that fits the data"})
+    weights: list[float] = field(
+        default_factory=list, metadata={"help": "one weight per reward: [model (if set), "
+                                                "*functions]; [] = all 1"})
+    timeout_s: float = field(default=60.0, metadata={"help": "per reward call; 0 = none"})
+    on_error: float = field(
+        default=0.0, metadata={"help": "score of rows whose reward call raised or timed out"})
+
+    @property
+    def count(self) -> int:
+        return len(self.functions) + (self.model is not None)
+
+    def validate(self) -> None:
+        if self.weights and len(self.weights) != self.count:
+            raise ConfigError(f"{self.count} rewards (reward.model counts as the first) but "
+                              f"{len(self.weights)} reward.weights")
+        if not self.timeout_s >= 0:
+            raise ConfigError(f"reward.timeout_s must be >= 0 (0 = none), got {self.timeout_s}")
