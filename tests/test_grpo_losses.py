@@ -46,6 +46,20 @@ def test_zero_spread_groups_get_zero_advantage_not_nan():
     assert zero_spread_groups(r).tolist() == [True, True, False]
 
 
+def test_near_ties_follow_the_same_rule_as_skipping():
+    """Rewards 0.5 and 0.5 + 1e-7 are a tie: the group is flagged zero-spread (so GRPO skips
+    it) and its advantages are exactly 0 (so skipping it is exact), for every group-baseline
+    estimator and scale; a spread just above the 1e-6 tolerance is signal (advantage +-1)."""
+    tie = torch.tensor([[0.5, 0.5 + 1e-7, 0.5, 0.5 + 1e-7]])
+    assert zero_spread_groups(tie).tolist() == [True]
+    for est, scale in (("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("rloo", "group")):
+        assert (compute_advantages(tie, est, scale) == 0).all(), (est, scale)
+    apart = torch.tensor([[0.5, 0.5 + 2e-6, 0.5, 0.5 + 2e-6]], dtype=torch.float64)
+    assert zero_spread_groups(apart).tolist() == [False]
+    torch.testing.assert_close(group_advantages(apart), torch.tensor([[-1.0, 1.0, -1.0, 1.0]],
+                               dtype=torch.float64))
+
+
 def test_rloo_leave_one_out_baseline():
     # sample 0: 1 - mean(0,0,0) = 1; others: 0 - mean(1,0,0) = -1/3
     A = rloo_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))

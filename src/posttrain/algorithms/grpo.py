@@ -41,14 +41,14 @@ from posttrain.models.reference import load_reference, reference_policy
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.scoring import lengths, no_eos_frac, pass_rate, score_rollouts
-from posttrain.rollout import KVCacheGenerator, Rollouts, default_stop_ids
+from posttrain.rollout import Rollouts
 from posttrain.rollout.batching import build_batch
+from posttrain.train import online
 from posttrain.train.engine import Engine
-from posttrain.train.online import OnlineConfig, OnlineRun, Warnings, run_online, start_online
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(online.OnlineConfig):
     """Online RL with group-relative advantages: GRPO, DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE++."""
 
     batch_size: int = field(
@@ -136,14 +136,8 @@ class GRPO:
         self.updates_per_step = cfg.num_iterations
         verifiers = rewards.names[1:] if cfg.reward.model else rewards.names
         self.accuracy_of = verifiers[0] if verifiers else None  # reward/accuracy: its pass rate
-        self.generator = KVCacheGenerator(
-            engine.model, self.tokenizer, precision=cfg.precision,
-            stop_token_ids=default_stop_ids(engine.model, self.tokenizer))
-        self.warnings = Warnings()
-
-    @property
-    def rl_step(self) -> int:
-        return self.engine.step // self.updates_per_step
+        self.generator = online.policy_sampler(engine)
+        self.warnings = online.Warnings()
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -162,9 +156,7 @@ class GRPO:
                                               extra_count=skipped))
         stats["time/train_s"] = time.perf_counter() - t0
         stats["grpo/groups_trained"] = float(sum(mb["num_groups"] for mb in mbs))
-        total = sum(stats[k] for k in ("time/generate_s", "time/reward_s", "time/train_s"))
-        for k in ("generate", "reward", "train"):
-            stats[f"time/{k}_frac"] = stats[f"time/{k}_s"] / max(total, 1e-9)
+        stats.update(online.time_fractions(stats, ("generate", "reward", "train")))
         return {**metrics, **stats}
 
     def loss(self, model: nn.Module, mb: dict[str, Any], normalizer: float, first: bool
@@ -239,7 +231,7 @@ class GRPO:
                 "completions/truncated_frac": no_eos_frac(ro), **ro.stats}
 
     def warn(self, stats: dict[str, float]) -> None:
-        step = self.rl_step + 1
+        step = self.engine.step // self.updates_per_step + 1
         self.warnings.check("truncated", stats["completions/truncated_frac"] == 1.0, step,
                             f"every completion hit max_new_tokens="
                             f"{self.cfg.sampling.max_new_tokens}: rewards may be meaningless; "
@@ -319,7 +311,7 @@ class GRPO:
 
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run GRPO end to end; returns the final HF model directory."""
-    run: OnlineRun = start_online(cfg)
+    run = online.start_online(cfg)
     cfg = run.cfg
     engine = Engine(cfg, run.model, run.tokenizer, run.run_dir, run.steps * cfg.num_iterations)
     ref = None
@@ -328,4 +320,4 @@ def train_grpo(cfg: GRPOConfig) -> Path:
                              trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     cursor = run.cursor()
     grpo = GRPO(cfg, engine, cursor, run.rewards, ref)
-    return run_online(engine, grpo, cursor, run.held_out, run.resume_from)
+    return online.run_online(engine, grpo, cursor, run.held_out, run.resume_from)

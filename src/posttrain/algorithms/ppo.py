@@ -51,18 +51,18 @@ from posttrain.models.reference import load_reference, reference_policy
 from posttrain.models.value import load_value_model, value_adapter_dir
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.scoring import lengths, no_eos_frac, score_rollouts
-from posttrain.rollout import KVCacheGenerator, Rollouts, default_stop_ids
+from posttrain.rollout import Rollouts
 from posttrain.rollout.batching import build_batch
 from posttrain.rollout.config import SamplingConfig
 from posttrain.train import distributed as ddp
+from posttrain.train import online
 from posttrain.train.engine import Engine
-from posttrain.train.online import OnlineConfig, OnlineRun, Warnings, run_online, start_online
 
 VALUE = "value"  # the value model's name in the engine, and its folder in model/ and final/
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(online.OnlineConfig):
     """Classic RLHF: PPO with a value model, GAE and a KL penalty to the reference."""
 
     num_generations: int = field(default=1, metadata={"help": "completions per prompt"})
@@ -187,11 +187,9 @@ class PPO:
         self.rewards, self.ref = rewards, reference
         self.kl_ctl = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         self.tokenizer = engine.tokenizer
-        self.generator = KVCacheGenerator(
-            engine.model, self.tokenizer, precision=cfg.precision,
-            stop_token_ids=default_stop_ids(engine.model, self.tokenizer))
         self.updates_per_step = cfg.updates_per_step
-        self.warnings = Warnings()
+        self.generator = online.policy_sampler(engine)
+        self.warnings = online.Warnings()
 
     @property
     def rl_step(self) -> int:
@@ -220,9 +218,7 @@ class PPO:
                     sums.setdefault(k, []).append(float(v))
         self.kl_ctl.update(stats["objective/kl"], len(exp.ro))
         stats["time/train_s"] = time.perf_counter() - t0
-        total = sum(stats[f"time/{k}_s"] for k in ("generate", "reward", "logprobs", "train"))
-        for k in ("generate", "reward", "logprobs", "train"):
-            stats[f"time/{k}_frac"] = stats[f"time/{k}_s"] / max(total, 1e-9)
+        stats.update(online.time_fractions(stats, ("generate", "reward", "logprobs", "train")))
         return {**{k: sum(v) / len(v) for k, v in sums.items()}, **stats}
 
     def policy_loss(self, model: nn.Module, mb: dict[str, Any], normalizer: float
@@ -358,7 +354,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     """Run PPO end to end; returns the final directory (policy; value model in ``value/``)."""
     if ddp.init_distributed().enabled:
         raise ConfigError("ppo runs in one process (no torchrun data parallelism yet)")
-    run: OnlineRun = start_online(cfg)
+    run = online.start_online(cfg)
     cfg = run.cfg
     device = next(run.model.parameters()).device
     value = load_value(cfg, run.tokenizer, run.resume_from, device)
@@ -369,4 +365,4 @@ def train_ppo(cfg: PPOConfig) -> Path:
                          seed=cfg.seed)
     cursor = run.cursor()
     ppo = PPO(cfg, engine, value, cursor, run.rewards, ref)
-    return run_online(engine, ppo, cursor, run.held_out, run.resume_from)
+    return online.run_online(engine, ppo, cursor, run.held_out, run.resume_from)

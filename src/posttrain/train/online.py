@@ -28,6 +28,7 @@ from posttrain.models.prefix import enable_prefix_attention
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.registry import build_reward_set
+from posttrain.rollout import KVCacheGenerator, default_stop_ids
 from posttrain.rollout.config import SamplingConfig
 from posttrain.train.config import TrainConfig
 from posttrain.train.engine import Engine
@@ -161,6 +162,20 @@ def run_online(engine: Engine, recipe: OnlineRecipe, cursor: PromptCursor,
         return engine.save_final()
     finally:
         engine.close()
+
+
+def policy_sampler(engine: Engine) -> KVCacheGenerator:
+    """The KV-cache engine sampling from the policy being trained (no weight copy: every
+    ``generate`` sees the weights of the last update)."""
+    model, tokenizer = engine.model, engine.tokenizer
+    return KVCacheGenerator(model, tokenizer, precision=engine.cfg.precision,
+                            stop_token_ids=default_stop_ids(model, tokenizer))
+
+
+def time_fractions(stats: dict[str, float], phases: tuple[str, ...]) -> dict[str, float]:
+    """``time/<phase>_frac``: each phase's share of the step's ``time/<phase>_s``."""
+    total = max(sum(stats[f"time/{p}_s"] for p in phases), 1e-9)
+    return {f"time/{p}_frac": stats[f"time/{p}_s"] / total for p in phases}
 
 
 class Warnings:
