@@ -359,8 +359,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     device = next(run.model.parameters()).device
     value = load_value(cfg, run.tokenizer, run.resume_from, device)
     engine = Engine(cfg, run.model, run.tokenizer, run.run_dir, run.steps * cfg.updates_per_step)
-    # Non-fused AdamW for the critic: fused and foreach differ in the last bits of an update.
-    engine.add_model(VALUE, value, cfg.value_lr, lr_key="value_lr", fused=False)
+    engine.add_model(VALUE, value, cfg.value_lr, lr_key="value_lr")
     ref = load_reference(run.model, cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                          seed=cfg.seed)
     cursor = run.cursor()
