@@ -90,7 +90,8 @@ class GRPOConfig(online.OnlineConfig):
         if self.num_generations < 2 and self.advantage != "reinforce_pp":
             raise ConfigError("num_generations must be >= 2 for group baselines")
         if not self.reward.count:
-            raise ConfigError("grpo needs a reward: set reward.functions and/or reward.model")
+            raise ConfigError("grpo needs a reward: set reward.functions=[...] (rewards) and/or "
+                              "reward.model=DIR (reward_model)")
         if self.epsilon_low < 0 or self.epsilon_high < 0 or self.beta < 0:
             raise ConfigError("epsilon_low, epsilon_high and beta must be >= 0")
 
@@ -289,9 +290,10 @@ class GRPO:
 
     @torch.no_grad()
     def store_old_logprobs(self, mbs: list[dict[str, Any]]) -> None:
-        """The sampling policy's log-probs of every micro-batch, before the first update."""
+        """The sampling policy's log-probs of every micro-batch, before the first update (in
+        eval mode, as the sampler ran it)."""
         model = self.engine.train_model
-        self.engine.model.train()
+        self.engine.model.eval()
         for mb in mbs:
             with autocast_context(self.cfg.precision, self.engine.device):
                 mb["old_logp"] = completion_logprobs(model, mb, self.cfg.sampling.temperature)[0]

@@ -54,7 +54,6 @@ from posttrain.rewards.scoring import lengths, no_eos_frac, score_rollouts
 from posttrain.rollout import Rollouts
 from posttrain.rollout.batching import build_batch
 from posttrain.rollout.config import SamplingConfig
-from posttrain.train import distributed as ddp
 from posttrain.train import online
 from posttrain.train.engine import Engine
 
@@ -114,7 +113,8 @@ class PPOConfig(online.OnlineConfig):
     def validate(self) -> None:
         super().validate()
         if not self.reward.count:
-            raise ConfigError("ppo needs a reward: set reward_model=DIR and/or rewards=[...]")
+            raise ConfigError("ppo needs a reward: set reward.model=DIR (reward_model) and/or "
+                              "reward.functions=[...] (rewards)")
         if self.value_model == "reward_model" and self.reward.model is None:
             raise ConfigError("value_model=reward_model needs reward_model=DIR; or set "
                               "value_model=policy")
@@ -352,8 +352,6 @@ def load_value(cfg: PPOConfig, tokenizer: Any, resume_from: Path | None,
 
 def train_ppo(cfg: PPOConfig) -> Path:
     """Run PPO end to end; returns the final directory (policy; value model in ``value/``)."""
-    if ddp.init_distributed().enabled:
-        raise ConfigError("ppo runs in one process (no torchrun data parallelism yet)")
     run = online.start_online(cfg)
     cfg = run.cfg
     device = next(run.model.parameters()).device

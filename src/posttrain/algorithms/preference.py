@@ -53,6 +53,8 @@ DEFAULT_BETA = {"simpo": 2.0}
 
 @dataclass
 class DPOConfig(TrainConfig):
+    """Offline preference optimisation: DPO, robust/cDPO, IPO, hinge, KTO, ORPO, SimPO."""
+
     loss: Literal["dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo"] = field(
         default="dpo", metadata={"help": "dpo | robust | ipo | hinge | kto | orpo | simpo"})
     beta: float | None = field(default=None, metadata={

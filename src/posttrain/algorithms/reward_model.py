@@ -31,6 +31,8 @@ from posttrain.train.run import prepare_run
 
 @dataclass
 class RMConfig(TrainConfig):
+    """Reward model: a scalar head on the LM trained with the Bradley-Terry loss on pairs."""
+
     center_weight: float = field(default=0.0, metadata={
         "help": "reward-centring penalty c * (r_w + r_l)^2 (Eisenstein et al. 2023); 0 = off"})
     use_margin: bool = field(default=True, metadata={

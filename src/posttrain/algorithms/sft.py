@@ -28,6 +28,8 @@ SFT_FORMATS = ("messages", "prompt_completion", "text")
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: NLL on assistant tokens (chat rows) or on all tokens (text)."""
+
     packing: bool = field(
         default=True,
         metadata={"help": "padding-free packing of each micro-batch (exact for sdpa/eager)"},

@@ -1,8 +1,8 @@
 """Batched generation for evaluation, with a record of whether each response ended its turn.
 
-Responses come from the KV-cache engine RL rollouts use (``rollout/engine.py``), so a model
-is evaluated exactly as it is sampled in training; greedy decoding gives the same tokens as
-transformers' ``generate``.
+Responses come from the KV-cache engine RL rollouts use (``rollout/engine.py``); greedy
+decoding in fp32 (the default ``precision``) gives the same tokens as transformers'
+``generate``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def generate_responses(
     batch_size: int = 64,
     temperature: float = 0.0,
     seed: int | None = 0,
+    precision: str = "fp32",
 ) -> list[Response]:
     """Greedy (or sampled, with ``seed``) responses to chat prompts; the text stops before
     the stop token (end of turn or EOS)."""
     eot = end_of_turn_token_id(tokenizer)
     stop_ids = tuple(sorted({i for i in (eot, tokenizer.eos_token_id) if i is not None}))
-    gen = KVCacheGenerator(model, tokenizer, stop_token_ids=stop_ids)
+    gen = KVCacheGenerator(model, tokenizer, stop_token_ids=stop_ids, precision=precision)
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     was_training = model.training
     model.eval()

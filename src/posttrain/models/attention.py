@@ -23,7 +23,7 @@ Under bf16 autocast, sequences of up to ``MATMUL_ATTENTION_MAX_LEN`` tokens take
 ``CausalMatmulAttention`` instead of the fp32 flash kernel: GPU flash attention's precision
 split (scores and their gradient in fp32, probabilities and score gradients in bf16) with the
 l x l products as batched GEMMs, which run near the machine's matmul peak where the CPU flash
-kernel reaches ~50 GFLOP/s. Timings: benchmarks/README_sft.md.
+kernel reaches ~50 GFLOP/s. Timings: benchmarks/README.md.
 """
 
 from __future__ import annotations

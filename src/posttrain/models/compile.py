@@ -5,7 +5,7 @@ mean, rsqrt and scale, RoPE's rotate-and-add, SwiGLU's silu and product, the res
 and a dtype cast around most of them under autocast, each a full pass over the activations.
 Inductor fuses those chains into a few loops (C++/OpenMP on CPU, Triton on GPU); the matmuls
 stay on the vendor GEMMs. The compiled step is faster and saves fewer activations, so its
-peak memory is lower (SmolLM2-135M SFT figures: benchmarks/README_sft.md).
+peak memory is lower (SmolLM2-135M SFT figures: benchmarks/README.md).
 
 Only the layers are compiled, with dynamic shapes (one graph for every packed length; the
 layers share it, so compiling 30 layers costs about one compile), and only for training

@@ -1,4 +1,5 @@
-"""The frozen reference policy pi_ref that DPO, PPO and GRPO regularise towards.
+"""The frozen reference policy pi_ref that PPO and GRPO regularise towards (the DPO family
+wraps ``load_frozen_model`` in its cached-log-prob references, ``models/logprobs.py``).
 
 Under LoRA the reference is the policy itself with its adapters switched off (no second copy
 of the weights: ``models.lora.reference_mode``); under full fine-tuning it is a frozen copy of

@@ -16,7 +16,7 @@ with ``allocator_env()``'s variables in their own process's environment (docs/tr
 Under glibc, ``keep_freed_memory()`` sets through ``mallopt`` what ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=2147483647`` set at start-up: no mmap for large blocks, never trim the
 heap, so freed memory stays in the heap for the next step (fewer fresh pages, not none).
-``POSTTRAIN_MALLOC_TUNING=0`` keeps glibc's defaults. Measurements: benchmarks/README_sft.md.
+``POSTTRAIN_MALLOC_TUNING=0`` keeps glibc's defaults. Measurements: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -227,9 +227,12 @@ class Engine:
                       loss_fn: LossFn, count_fn: CountFn) -> dict:
         opt.model.train()
         total_loss, sums = self._accumulate(opt, opt.model, micro_batches, loss_fn, count_fn, 0.0)
-        grad_norm, _ = opt.step(total_loss, self.step)
-        return {**sums, f"train/{opt.name}_grad_norm": grad_norm,
-                f"train/{opt.name}_lr": opt.scheduler.get_last_lr()[0]}
+        grad_norm, stepped = opt.step(total_loss, self.step)
+        out = {**sums, f"train/{opt.name}_grad_norm": grad_norm,
+               f"train/{opt.name}_lr": opt.scheduler.get_last_lr()[0]}
+        if not stepped:
+            out[f"train/{opt.name}_nonfinite"] = 1
+        return out
 
     def _accumulate(self, opt: ModelOptimizer, model: nn.Module, micro_batches: Sequence[Batch],
                     loss_fn: LossFn, count_fn: CountFn,

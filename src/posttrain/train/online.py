@@ -30,6 +30,7 @@ from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.registry import build_reward_set
 from posttrain.rollout import KVCacheGenerator, default_stop_ids
 from posttrain.rollout.config import SamplingConfig
+from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
 from posttrain.train.engine import Engine
 from posttrain.train.loop import total_steps
@@ -122,6 +123,9 @@ def start_online(cfg: OnlineConfig) -> OnlineRun:
     """Run dir, policy, prompt rows (train and held-out), reward: the set-up of any online
     recipe, before its own models and state."""
     run_dir, resume_from = prepare_run(cfg)
+    if ddp.current().enabled:  # every rank would draw the same prompts: no speed-up, no error
+        raise ConfigError("online RL (grpo, ppo) runs in one process: no torchrun data "
+                          "parallelism yet")
     model, tokenizer = load_policy(cfg, resume_from)
     if cfg.prefix_sharing and not enable_prefix_attention(model):
         log.info("attention implementation cannot share prefixes; packing padding-free")
