@@ -127,7 +127,7 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _trainer(command: str) -> tuple[type, Callable[[Any], Path]]:
-    from posttrain.cli import TRAIN_COMMANDS
+    from posttrain.commands import TRAIN_COMMANDS
 
     cmd = TRAIN_COMMANDS[command]
     return cmd.config_cls(), cmd.run

@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.algorithms.grpo import GRPOConfig, train_grpo
 from posttrain.algorithms.ppo import PPOConfig
-from posttrain.cli import TRAIN_COMMANDS
+from posttrain.commands import TRAIN_COMMANDS
 from posttrain.config import config_help, flatten_keys, load_config, save_config
 from posttrain.errors import ConfigError
 

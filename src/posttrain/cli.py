@@ -6,103 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
+from posttrain.commands import TRAIN_COMMANDS
 from posttrain.errors import PosttrainError
 
 log = logging.getLogger("posttrain")
 
-
-@dataclass(frozen=True)
-class TrainCommand:
-    doc: str
-    config_cls: Callable[[], type]
-    run: Callable[[Any], Any]
-
-
-def _sft_cls() -> type:
-    from posttrain.algorithms.sft import SFTConfig
-
-    return SFTConfig
-
-
-def _run_sft(cfg: Any) -> Any:
-    from posttrain.algorithms.sft import train_sft
-
-    return train_sft(cfg)
-
-
-def _grpo_cls() -> type:
-    from posttrain.algorithms.grpo import GRPOConfig
-
-    return GRPOConfig
-
-
-def _run_grpo(cfg: Any) -> Any:
-    from posttrain.algorithms.grpo import train_grpo
-
-    return train_grpo(cfg)
-
-
-def _ppo_cls() -> type:
-    from posttrain.algorithms.ppo import PPOConfig
-
-    return PPOConfig
-
-
-def _run_ppo(cfg: Any) -> Any:
-    from posttrain.algorithms.ppo import train_ppo
-
-    return train_ppo(cfg)
-
-
-def _rm_cls() -> type:
-    from posttrain.algorithms.reward_model import RMConfig
-
-    return RMConfig
-
-
-def _run_rm(cfg: Any) -> Any:
-    from posttrain.algorithms.reward_model import train_reward_model
-
-    return train_reward_model(cfg)
-
-
-def _pref_cls(name: str) -> Callable[[], type]:
-    def get() -> type:
-        from posttrain.algorithms import preference as p
-
-        return {"dpo": p.DPOConfig, "kto": p.KTOConfig, "orpo": p.ORPOConfig,
-                "simpo": p.SimPOConfig}[name]
-
-    return get
-
-
-def _run_pref(cfg: Any) -> Any:
-    from posttrain.algorithms.preference import train_preference
-
-    return train_preference(cfg)
-
-
-TRAIN_COMMANDS: dict[str, TrainCommand] = {
-    "sft": TrainCommand("supervised fine-tuning (assistant-masked NLL); text rows = pretraining",
-                        _sft_cls, _run_sft),
-    "pretrain": TrainCommand("causal-LM training on raw text rows (same engine as sft)",
-                             _sft_cls, _run_sft),
-    "rm": TrainCommand("reward model: scalar head + Bradley-Terry loss on preference pairs",
-                       _rm_cls, _run_rm),
-    "dpo": TrainCommand("preference optimisation: loss=dpo|robust|ipo|hinge|kto|orpo|simpo",
-                        _pref_cls("dpo"), _run_pref),
-    "kto": TrainCommand("KTO on unpaired rows (= dpo loss=kto)", _pref_cls("kto"), _run_pref),
-    "orpo": TrainCommand("ORPO, no reference (= dpo loss=orpo)", _pref_cls("orpo"), _run_pref),
-    "simpo": TrainCommand("SimPO, no reference (= dpo loss=simpo)", _pref_cls("simpo"),
-                          _run_pref),
-    "grpo": TrainCommand("online RL, group-relative advantages: GRPO/DAPO/Dr.GRPO/GSPO, RLOO, "
-                         "REINFORCE++", _grpo_cls, _run_grpo),
-    "ppo": TrainCommand("classic RLHF: PPO with a value model, GAE and a KL penalty to the "
-                        "reference", _ppo_cls, _run_ppo),
-}
 
 OTHER_COMMANDS = {
     "demo": "the whole stack on a tiny model, offline: pretrain -> SFT -> held-out report",
@@ -111,6 +20,8 @@ OTHER_COMMANDS = {
     "tasks": "list the built-in tasks usable as data=task:NAME",
     "sandbox": "run untrusted Python isolated: sandbox run FILE.py | sandbox check",
     "eval-code": "HumanEval pass@k, every sample run in the sandbox",
+    "report": "rebuild a run's or pipeline's report: report.html, report.md, plots/",
+    "pipeline": "multi-stage pipelines from one YAML file: pipeline run|check FILE.yaml",
 }
 
 
@@ -211,9 +122,30 @@ def _cmd_eval_code(argv: list[str]) -> int:
     return eval_code_main(argv)
 
 
+def _cmd_report(argv: list[str]) -> int:
+    from posttrain.report import build_report, print_summary
+
+    p = argparse.ArgumentParser(prog="posttrain report", description=OTHER_COMMANDS["report"])
+    p.add_argument("run_dir", help="a run directory (any command) or a pipeline directory")
+    p.add_argument("--quiet", action="store_true", help="print only the report's path")
+    a = p.parse_args(argv)
+    path = build_report(a.run_dir)
+    if not a.quiet:
+        print_summary(a.run_dir)
+    print(path)
+    return 0
+
+
+def _cmd_pipeline(argv: list[str]) -> int:
+    from posttrain.pipeline.cli import main as pipeline_main
+
+    return pipeline_main(argv)
+
+
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "demo": _cmd_demo, "init-tiny": _cmd_init_tiny, "chat": _cmd_chat, "tasks": _cmd_tasks,
-    "sandbox": _cmd_sandbox, "eval-code": _cmd_eval_code,
+    "sandbox": _cmd_sandbox, "eval-code": _cmd_eval_code, "report": _cmd_report,
+    "pipeline": _cmd_pipeline,
 }
 
 

@@ -10,13 +10,8 @@ the reward model's held-out score (``rm_score``) and KL to the SFT model (``kl_t
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
-import os
 import shutil
-import signal
-import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +27,7 @@ from posttrain.config import load_config
 from posttrain.demo_grpo import run_grpo_stage
 from posttrain.evals.chat_eval import evaluate_chat_task
 from posttrain.models.io import load_model, load_tokenizer
+from posttrain.pipeline.workers import quiet_transformers, worker_pool
 from posttrain.report.stages import write_report
 from posttrain.tasks.registry import build_task_rows
 
@@ -106,28 +102,6 @@ def _samples_section(samples: dict[str, list[dict[str, Any]]], k: int = 4) -> st
     return "\n".join(lines)
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _quiet_transformers() -> None:
-    """The demo loads and saves dozens of small models: drop transformers' per-load bars."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _worker_init(level: int) -> None:
-    """A branch worker: one core each, plain progress lines tagged with the branch."""
-    os.environ["POSTTRAIN_PROGRESS"] = "plain"
-    if sys.platform.startswith("linux"):  # a killed demo must not leave its workers behind
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    torch.set_num_threads(1)
-    _quiet_transformers()
-    logging.basicConfig(level=level, format="[%(processName)s] %(message)s", force=True)
-    import posttrain.algorithms.ppo  # noqa: F401  (imports done while the base model trains)
-    import posttrain.algorithms.preference  # noqa: F401
-
-
 def rlhf_branch(out: Path, plan: str, sft: Path, seed: int) -> dict[str, Any]:
     """Branch 1+2's reward side: RM, then PPO against it, then the SFT model's RM score."""
     rm = pref.run_rm_stage(out, plan, sft, seed)
@@ -159,12 +133,9 @@ def _run_branches(pool: Executor | None, out: Path, plan: str, sft: Path,
 def _branch_pool(workers: int) -> ProcessPoolExecutor | None:
     if workers < 2:
         return None
-    # spawn, not fork: the parent holds torch's thread pools and a rich live display.
-    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(log.getEffectiveLevel(),))
-    for _ in range(2):  # start both workers now, so their imports overlap pretraining
-        pool.submit(int)
-    return pool
+    # one thread each; their recipe imports overlap pretraining
+    return worker_pool(2, threads=1, preload=("posttrain.algorithms.ppo",
+                                              "posttrain.algorithms.preference"))
 
 
 def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int = 0,
@@ -180,7 +151,7 @@ def run_demo(output_dir: str | Path = "demo-run", quick: bool = False, seed: int
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     torch.manual_seed(seed)
-    _quiet_transformers()
+    quiet_transformers()
     t0 = time.perf_counter()
     pool = _branch_pool(workers)
     try:

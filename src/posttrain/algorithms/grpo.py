@@ -15,7 +15,8 @@ Variants are config keys: ``loss_type`` grpo|dapo|dr_grpo (aggregation), ``impor
 token|sequence (GSPO), ``epsilon_low``/``epsilon_high`` (clip-higher), ``beta``/``kl_estimator``,
 ``advantage`` grpo|rloo|reinforce_pp with ``scale_rewards`` group|batch|none,
 ``dynamic_sampling``, ``overlong_buffer``, ``mask_truncated``. The loop, set-up and checkpoints
-are ``train/online.py``'s.
+are ``train/online.py``'s. Each logged step's advantages go to ``instruments.jsonl``
+(INSTRUMENT 5.2; drawn by ``posttrain report``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from posttrain.losses.policy_gradient import aggregation_count, grpo_loss
 from posttrain.models.completion import completion_logprobs
 from posttrain.models.device import autocast_context
 from posttrain.models.reference import load_reference, reference_policy
+from posttrain.report.instruments import append_row, sketch
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.scoring import lengths, no_eos_frac, pass_rate, score_rollouts
@@ -158,7 +160,15 @@ class GRPO:
         stats["time/train_s"] = time.perf_counter() - t0
         stats["grpo/groups_trained"] = float(sum(mb["num_groups"] for mb in mbs))
         stats.update(online.time_fractions(stats, ("generate", "reward", "train")))
+        self.record_advantages(adv)
         return {**metrics, **stats}
+
+    def record_advantages(self, adv: Tensor) -> None:
+        """INSTRUMENT 5.2: every step's advantages (B, G), as an ``instruments.jsonl`` row."""
+        if self.engine.dist.is_main:
+            values = adv.detach().float().flatten().tolist()
+            append_row(self.engine.run_dir, {"step": self.engine.step, "kind": "advantages",
+                                             "n": len(values), "adv": sketch(values)})
 
     def loss(self, model: nn.Module, mb: dict[str, Any], normalizer: float, first: bool
              ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -9,12 +9,15 @@ ORPO, SimPO. ``posttrain dpo loss=...``; ``posttrain kto|orpo|simpo`` preset ``l
                    models/prefix.py; KTO and prefix_sharing=false: [x_1+c_1, x_1+r_1, ...])
                    -> summed completion log-probs per sequence (index_add over sequence ids)
                    -> losses.preference.<loss>(...) / pairs in the whole step
+    at the end: each of the first 128 training pairs' margin under the final policy ->
+                instruments.jsonl (INSTRUMENT 5.1; drawn by ``posttrain report``)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,8 +40,10 @@ from posttrain.models.logprobs import (
 )
 from posttrain.models.prefix import enable_prefix_attention, pack_pairs
 from posttrain.models.reference import load_frozen_model
+from posttrain.report.instruments import append_row, sketch
+from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
-from posttrain.train.loop import train_offline
+from posttrain.train.loop import total_steps, train_offline
 from posttrain.train.run import load_policy, prepare_run
 
 log = logging.getLogger("posttrain")
@@ -174,6 +179,25 @@ def _ref_logps(batch: dict[str, Any], reference: Reference | None) -> Tensor:
     return reference.logprobs(batch)
 
 
+def pair_loss(cfg: DPOConfig, logps: Tensor, lengths: Tensor, ref: Tensor | None,
+              normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The configured pair loss on interleaved sequences [a_1, b_1, a_2, b_2, ...]: summed
+    log-probs ``logps`` (2B,), completion ``lengths`` (2B,), reference log-probs ``ref`` (2B,)
+    (None for the reference-free losses)."""
+    beta = cfg.beta_value
+    pc, pr, nc, nr = logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
+    if cfg.loss == "simpo":
+        return L.simpo_loss(pc / nc, pr / nr, normalizer, beta=beta, gamma=cfg.simpo_gamma)
+    if cfg.loss == "orpo":
+        return L.orpo_loss(pc / nc, pr / nr, normalizer, lam=beta)
+    assert ref is not None, "a reference-based loss needs reference log-probs"
+    rc, rr = ref[0::2], ref[1::2]
+    if cfg.loss == "ipo":
+        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    return L.dpo_loss(pc, pr, rc, rr, normalizer, beta=beta, variant=cfg.loss,
+                      label_smoothing=cfg.label_smoothing)
+
+
 def make_step(cfg: DPOConfig, reference: Reference | None):  # noqa: ANN201
     """loss_fn(model, batch, normalizer) for the engine; ``reference`` is used only when the
     batch carries no precomputed ``ref_logps``."""
@@ -181,20 +205,10 @@ def make_step(cfg: DPOConfig, reference: Reference | None):  # noqa: ANN201
 
     def pair_step(model: nn.Module, batch: dict[str, Any], normalizer: float):  # noqa: ANN202
         logps, lengths = sequence_logprobs(model, batch)  # (2B,), (2B,)
-        pc, pr, nc, nr = logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
-        if cfg.loss == "simpo":
-            loss, m = L.simpo_loss(pc / nc, pr / nr, normalizer, beta=beta, gamma=cfg.simpo_gamma)
-        elif cfg.loss == "orpo":
-            loss, m = L.orpo_loss(pc / nc, pr / nr, normalizer, lam=beta)
-        else:
-            ref = _ref_logps(batch, reference)
-            rc, rr = ref[0::2], ref[1::2]
-            if cfg.loss == "ipo":
-                pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
-            loss, m = L.dpo_loss(pc, pr, rc, rr, normalizer, beta=beta, variant=cfg.loss,
-                                 label_smoothing=cfg.label_smoothing)
+        ref = None if cfg.loss in REFERENCE_FREE else _ref_logps(batch, reference)
+        loss, m = pair_loss(cfg, logps, lengths, ref, normalizer)
         if cfg.nll_weight > 0:
-            nll, m2 = L.chosen_nll(logps[0::2] / nc, normalizer, cfg.nll_weight)
+            nll, m2 = L.chosen_nll(logps[0::2] / lengths[0::2], normalizer, cfg.nll_weight)
             loss, m = loss + nll, {**m, **m2}
         m["logps/chosen"] = logps[0::2].detach().mean()
         m["logps/rejected"] = logps[1::2].detach().mean()
@@ -263,6 +277,41 @@ def evaluate_margin(model: nn.Module, pairs: list[Pair], batch_size: int, precis
     return out
 
 
+MARGIN_PAIRS = 128  # pairs in INSTRUMENT 5.1's end-of-training histogram
+
+
+@torch.no_grad()
+def pair_margins(cfg: DPOConfig, model: nn.Module, pairs: list[Pair],
+                 collate: Callable[[list[Pair]], dict[str, Any]],
+                 reference: Reference | None) -> list[float]:
+    """INSTRUMENT 5.1: each pair's margin, the quantity its loss feeds the sigmoid (the
+    loss's own ``*/margin``, pair by pair), under the current policy."""
+    model.eval()
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(pairs), cfg.batch_size):
+        batch = collate(pairs[i : i + cfg.batch_size])
+        with autocast_context(cfg.precision, device):
+            logps, lengths = sequence_logprobs(model, batch)  # (2B,), (2B,)
+            ref = None if cfg.loss in REFERENCE_FREE else _ref_logps(batch, reference)
+        for j in range(0, len(logps), 2):
+            _, m = pair_loss(cfg, logps[j : j + 2], lengths[j : j + 2],
+                             None if ref is None else ref[j : j + 2], 1.0)
+            out.append(float(next(v for k, v in m.items() if k.endswith("/margin"))))
+    model.train()
+    return out
+
+
+def record_margins(cfg: DPOConfig, model: nn.Module, pairs: list[Pair],
+                   collate: Callable[[list[Pair]], dict[str, Any]],
+                   reference: Reference | None, run_dir: Path, step: int) -> None:
+    """The final policy's margins on the first ``MARGIN_PAIRS`` training pairs, one
+    ``instruments.jsonl`` row. Training pairs, as ``*/saturated_frac`` measures: the
+    histogram shows which of them still carry gradient (held-out margins: ``eval/``)."""
+    margins = pair_margins(cfg, model, pairs[:MARGIN_PAIRS], collate, reference)
+    append_row(run_dir, {"step": step, "kind": "margins", "loss": cfg.loss, "split": "train",
+                         "n": len(margins), "margins": sketch(margins)})
+
+
 # ---- the recipe ------------------------------------------------------------------------
 
 
@@ -316,8 +365,9 @@ def train_preference(cfg: DPOConfig) -> Path:
             reference = None  # frees the frozen copy: precomputed values are all we need
     cfg = dataclasses.replace(cfg, prefix_sharing=prefix)  # config.yaml: what runs
 
-    stream = BatchStream(train.examples, cfg.batch_size,
-                         make_collate(device, ref_table, kto, prefix), seed=cfg.seed)
+    collate = make_collate(device, ref_table, kto, prefix)
+    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed)
+    steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
     eval_fn = None
     if cfg.eval_data:
         held = (encode_pairs(cfg.eval_data, tokenizer, split="test", **enc) if not kto else
@@ -325,9 +375,12 @@ def train_preference(cfg: DPOConfig) -> Path:
         eval_fn = lambda: evaluate_margin(model, held.examples, 2 * cfg.batch_size,  # noqa: E731
                                           cfg.precision, held.paired, prefix)
 
-    return train_offline(cfg, model, tokenizer, run_dir, resume_from, stream,
-                         make_step(cfg, reference), count_pairs, eval_fn,
-                         first_metrics={**train.stats("data"), **ref_stats})
+    final = train_offline(cfg, model, tokenizer, run_dir, resume_from, stream,
+                          make_step(cfg, reference), count_pairs, eval_fn,
+                          first_metrics={**train.stats("data"), **ref_stats})
+    if ddp.current().is_main and not kto:  # KTO's examples are unpaired: no margins
+        record_margins(cfg, model, train.examples, collate, reference, run_dir, steps)
+    return final
 
 
 def _kto_eval_set(spec: str, tokenizer: Any, enc: dict[str, Any]) -> PairSet:

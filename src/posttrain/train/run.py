@@ -12,6 +12,7 @@ from posttrain.models.attention import enable_packed_attention
 from posttrain.models.device import pick_device
 from posttrain.models.io import load_model, load_tokenizer, resize_for_tokenizer
 from posttrain.models.lora import apply_lora, is_adapter_dir
+from posttrain.report.instruments import INSTRUMENTS
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
@@ -41,14 +42,16 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             step = ckpt.load_trainer_state(resume_from)["step"]
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            for log_file in ("metrics.jsonl", INSTRUMENTS):
+                truncate_after_step(run_dir / log_file, step)
     seed_everything(cfg.seed)
     ddp.barrier(info)
     return run_dir, resume_from
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+def truncate_after_step(path: Path, step: int) -> None:
+    """Drop the rows of a step-indexed JSONL log written after the checkpoint we resume from:
+    they will be written again."""
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
