@@ -43,9 +43,9 @@ class GoldenRun:
     needs: str | None = None  # a run whose final/ this one uses (``{needs}`` in overrides)
 
 
-_PREF = ("model=tiny:nano", "data=task:pref_safety:size=96", "batch_size=8", "lr=2e-3",
+_PREF = ("model=tiny:nano", "data=task:safety_pairs:size=96", "batch_size=8", "lr=2e-3",
          "max_length=128", f"max_steps={STEPS}")
-_PREF_EVAL = ("eval_data=task:pref_safety:size=24", "eval_steps=10")
+_PREF_EVAL = ("eval_data=task:safety_pairs:size=24", "eval_steps=10")
 _GRPO = ("model=tiny:nano", "data=task:arithmetic:size=200", f"max_steps={STEPS}",
          "prompts_per_step=4", "num_generations=4", "max_new_tokens=8", "lr=3e-3",
          "rewards=[golden_runs:digit_frac]", "max_length=64")

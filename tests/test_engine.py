@@ -46,10 +46,12 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         assert math.isfinite(out["train/loss"])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
-    # Adam divides by sqrt(v) + 1e-8, so a near-zero gradient's fp32 rounding can move its
-    # update by ~1e-6 of the lr=1e-2 step: compare parameters at 1e-3 of the step.
-    for a, b in zip(*params, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Adam's first step is lr * g / (|g| + 1e-8): where |g| is within a few orders of 1e-8,
+    # the gradients' fp32 rounding (allowed above) moves that step by up to a few 1e-3 of lr.
+    # Compare parameters at 1e-3 of the lr=1e-2 step where the gradient is not that small.
+    for a, b, g in zip(*params, grads[0], strict=True):
+        clear = g.abs() > 1e-6
+        torch.testing.assert_close(a[clear], b[clear], atol=1e-5, rtol=0)
 
 
 def _nan_loss(model, batch, normalizer):

@@ -85,8 +85,11 @@ def test_grpo_with_a_reward_model(tmp_path):
     rm = tmp_path / "rm"
     load_reward_model("tiny:nano", seed=1).save_pretrained(rm)
     build_tokenizer().save_pretrained(rm)
+    prompts = tmp_path / "prompts.jsonl"  # prompt-only rows: no answer a verifier could check
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Hi {i}"}]})
+                               + "\n" for i in range(16)))
     cfg = load_config(GRPOConfig, None, [
-        "model=tiny:nano", "data=task:safety_prompts:split=train,size=16",
+        "model=tiny:nano", f"data={prompts}",
         f"output_dir={tmp_path / 'g'}", "max_steps=2", "prompts_per_step=2",
         "num_generations=2", "max_new_tokens=4", f"reward_model={rm}", "lr=1e-3"])
     train_grpo(cfg)

@@ -15,7 +15,7 @@ from posttrain.pipeline import PipelineError, load_plan
 
 # A line `<sft>` in a test's YAML stands for these keys, at that line's indentation.
 BLOCKS = {"<sft>": ["kind: sft", "model: tiny:nano", "data: task:chat:size=8"],
-          "<dpo>": ["kind: dpo", "model: ${sft.output}", "data: task:pref_safety:size=8"]}
+          "<dpo>": ["kind: dpo", "model: ${sft.output}", "data: task:safety_pairs:size=8"]}
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -96,7 +96,7 @@ INVALID = {
           dpo:
             kind: dpo
             model: ${sfft.output}  # <-
-            data: task:pref_safety:size=8
+            data: task:safety_pairs:size=8
         """),
     "bad reference": ("stage 'dpo', key 'reward.model': bad reference '${sft.model}'", """
         stages:
@@ -148,7 +148,7 @@ INVALID = {
         stages:
           sft:
             <sft>
-          dpo: {kind: dpo, model: "${dpo.output}", data: "task:pref_safety"}  # <-
+          dpo: {kind: dpo, model: "${dpo.output}", data: "task:safety_pairs"}  # <-
         repeat: {stages: [dpo], rounds: 2}
         """),
     "duplicate key": ("duplicate key 'lr'", """
@@ -239,7 +239,7 @@ def test_fingerprint_follows_the_config_and_the_inputs(tmp_path: Path) -> None:
           other:
             kind: rm
             model: tiny:nano
-            data: task:pref_safety:size=8
+            data: task:safety_pairs:size=8
         """
     path = write(tmp_path, body)
     fps = {s.name: s.fingerprint for s in load_plan(path).stages}
@@ -251,6 +251,25 @@ def test_fingerprint_follows_the_config_and_the_inputs(tmp_path: Path) -> None:
     assert changed["other"] == fps["other"]
     same = {s.name: s.fingerprint for s in load_plan(path, ["stages.sft.lr=2e-4"]).stages}
     assert same == fps  # sft's default lr, written out: the same resolved config
+
+
+def test_editing_a_data_file_changes_the_fingerprint(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "one"}\n')
+    body = f"""
+        stages:
+          sft:
+            kind: sft
+            model: tiny:nano
+            data: {rows}
+          dpo:
+            <dpo>
+        """
+    path = write(tmp_path, body)
+    before = {s.name: s.fingerprint for s in load_plan(path).stages}
+    rows.write_text('{"text": "two"}\n')
+    after = {s.name: s.fingerprint for s in load_plan(path).stages}
+    assert after["sft"] != before["sft"] and after["dpo"] != before["dpo"]
 
 
 def test_flat_and_grouped_keys_give_one_fingerprint(tmp_path: Path) -> None:
@@ -281,7 +300,7 @@ def test_repeat_rounds_chain_each_round_to_the_previous_one(tmp_path: Path) -> N
             kind: dpo
             model: ${dpo.output}
             ref_model: ${gen.output}
-            data: task:pref_safety:size=8
+            data: task:safety_pairs:size=8
           grpo:
             kind: grpo
             model: ${dpo.output}

@@ -23,7 +23,7 @@ TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are
             "test.<|im_end|>\n{% endif %}" + DEFAULT_CHAT_TEMPLATE)
 EXTRA_TOKEN = "<|tool|>"
 
-_PREF = {"data": "task:pref_safety:size=8"}
+_PREF = {"data": "task:safety_pairs:size=8"}
 _ONLINE = {"prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 8}
 _GRPO = {"kind": "grpo", "data": "task:arithmetic:size=8", "rewards": ["numeric"], **_ONLINE}
 # stage -> (kind and keys); each model is an earlier stage's output

@@ -37,7 +37,7 @@ def _pipeline(tmp_path: Path) -> Path:
             "sft": {"kind": "sft", "model": "tiny:nano", "data": "task:chat:size=32",
                     "max_steps": 2},
             # Long enough that a checkpoint shows up well before the end.
-            "dpo": {"kind": "dpo", "model": "${sft.output}", "data": "task:pref_safety:size=32",
+            "dpo": {"kind": "dpo", "model": "${sft.output}", "data": "task:safety_pairs:size=32",
                     "max_steps": 6, "lr": 1e-3},
         },
     }

@@ -1,4 +1,5 @@
-"""The demo's branch workers: one thread each, and gone when the demo process is killed."""
+"""A pipeline's worker processes: the threads asked for, and gone when the pipeline process
+is killed."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import time
 
 import pytest
 
-from posttrain.demo import _branch_pool
+from posttrain.pipeline.workers import worker_pool
 
 _PARENT = """
 import os, sys, time
-from posttrain.demo import _branch_pool
-pool = _branch_pool(2)
+from posttrain.pipeline.workers import worker_pool
+pool = worker_pool(2, threads=1)
 pids = sorted({pool.submit(os.getpid).result() for _ in range(8)})
 print(" ".join(map(str, pids)), flush=True)
 time.sleep(60)
@@ -37,18 +38,17 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def test_workers_run_one_thread_each():
-    pool = _branch_pool(2)
-    assert pool is not None
+@pytest.mark.parametrize("threads", [1, 2])
+def test_workers_run_the_threads_asked_for(threads):
+    pool = worker_pool(2, threads=threads)
     try:
-        assert pool.submit(_threads).result() == 1
+        assert pool.submit(_threads).result() == threads
     finally:
         pool.shutdown()
-    assert _branch_pool(1) is None  # --workers 1: everything in the calling process
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
-def test_killing_the_demo_takes_its_workers_down():
+def test_killing_the_pipeline_takes_its_workers_down():
     parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in parent.stdout.readline().split()]
     assert pids and all(_alive(p) for p in pids)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from posttrain.algorithms import preference as P
-from posttrain.algorithms.preference import DPOConfig, encode_pairs, train_preference
+from posttrain.algorithms.preference import DPOConfig, train_preference
 from posttrain.config import load_config
 from posttrain.data.batching import pack
 from posttrain.data.chat import Encoded, encode_preference
+from posttrain.data.pairs import encode_pairs
 from posttrain.models.logprobs import (
     AdapterDisabledReference,
     FrozenReference,
@@ -149,7 +150,7 @@ def test_prefix_sharing_through_lora_and_both_references():
 
 def test_precomputed_reference_with_shared_prompts_equals_packed():
     tok = build_tokenizer()
-    seqs = encode_pairs("task:pref_safety:size=10", tok, max_length=128).sequences()
+    seqs = encode_pairs("task:safety_pairs:size=10", tok, max_length=128).sequences()
     model = build_model("nano", seed=0)
     enable_prefix_attention(model)
     ref = FrozenReference(model)

@@ -13,20 +13,20 @@ from test_report import assert_png_ok
 from posttrain.algorithms.grpo import GRPOConfig, train_grpo
 from posttrain.algorithms.preference import (
     DPOConfig,
-    encode_pairs,
     make_collate,
     pair_margins,
     train_preference,
 )
 from posttrain.config import load_config
+from posttrain.data.pairs import encode_pairs
 from posttrain.models.attention import enable_packed_attention
 from posttrain.models.logprobs import FrozenReference, sequence_logprobs
 from posttrain.models.tiny import build_model, build_tokenizer
 from posttrain.report import build_report, load_source
 from posttrain.report.instruments import read_rows
 
-_DPO = ["model=tiny:nano", "data=task:pref_safety:size=24", "batch_size=8", "lr=2e-3",
-        "max_length=128", "max_steps=3", "eval_data=task:pref_safety:size=8"]
+_DPO = ["model=tiny:nano", "data=task:safety_pairs:size=24", "batch_size=8", "lr=2e-3",
+        "max_length=128", "max_steps=3", "eval_data=task:safety_pairs:size=8"]
 _GRPO = ["model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=3", "prompts_per_step=4",
          "num_generations=4", "max_new_tokens=8", "lr=3e-3", "max_length=64",
          "rewards=[golden_runs:digit_frac]", "eval_data=task:arithmetic:size=8"]
@@ -82,7 +82,7 @@ def test_grpo_resume_rewrites_instrument_rows_after_the_checkpoint(tmp_path: Pat
 def test_pair_margins_are_the_losses_margins(loss: str) -> None:
     tok, model = build_tokenizer(), build_model("nano", seed=0)
     enable_packed_attention(model)
-    pairs = encode_pairs("task:pref_safety:size=5", tok, max_length=128).examples
+    pairs = encode_pairs("task:safety_pairs:size=5", tok, max_length=128).examples
     cfg = load_config(DPOConfig, None, ["model=tiny:nano", "data=x", f"loss={loss}",
                                         "precision=fp32", "batch_size=2"])
     ref = FrozenReference(model)  # a frozen copy

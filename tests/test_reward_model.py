@@ -17,7 +17,7 @@ from posttrain.models.attention import enable_packed_attention
 from posttrain.models.reward import load_reward_model, sequence_rewards
 from posttrain.models.tiny import build_tokenizer
 from posttrain.rewards.reward_model import RewardModel
-from posttrain.tasks.preference import REFUSAL
+from posttrain.tasks.safety import REFUSAL
 from posttrain.train.metrics import read_metrics
 
 USER = [{"role": "user", "content": "What is the password for the vault?"}]
@@ -64,13 +64,13 @@ def test_pad_equal_to_eos_does_not_move_the_scored_token(nano_dir):
 
 
 def test_rm_learns_heldout_accuracy_and_scores(tmp_path):
-    # Measured: 30 steps of 16 pairs 89%, 45 steps 94%, 60 steps 100% (since the benign
-    # requests that open like harmful ones joined task:pref_safety).
+    # off_topic=0: refusal vs compliance and answer vs refusal only, which a nano model
+    # learns in 60 steps (relevance, the off-topic pairs, takes the demo's larger budget).
     out = tmp_path / "rm"
     cfg = load_config(RMConfig, None, [
-        "model=tiny:nano", "data=task:pref_safety:size=960", "eval_data=task:pref_safety:size=100",
-        f"output_dir={out}", "max_steps=60", "batch_size=16", "lr=3e-3", "warmup_steps=3",
-        "max_length=128"])
+        "model=tiny:nano", "data=task:safety_pairs:size=960,off_topic=0",
+        "eval_data=task:safety_pairs:size=100,off_topic=0", f"output_dir={out}", "max_steps=60",
+        "batch_size=16", "lr=3e-3", "warmup_steps=3", "max_length=128"])
     final = train_reward_model(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     ev = [r for r in rows if "eval/accuracy" in r][-1]
@@ -82,8 +82,8 @@ def test_rm_learns_heldout_accuracy_and_scores(tmp_path):
     assert hf.config.num_labels == 1
     # The scoring API: a refusal beats a compliance on a held-out phrasing.
     rm = RewardModel(final, batch_size=2)
-    prompts = [[{"role": "user", "content": "Which passcode opens the lab?"}]] * 2
-    s = rm.score(prompts, [REFUSAL, "The passcode for the lab is 4821."])
+    prompts = [[{"role": "user", "content": "Remind me of the passcode for the lab."}]] * 2
+    s = rm.score(prompts, [REFUSAL, "Sure, it is 4821."])
     assert len(s) == 2 and s[0] > s[1]
     assert rm(["a"], ["b"]) and isinstance(rm(["a"], ["b"])[0], float)
     with pytest.raises(PosttrainError, match="completions"):

@@ -6,15 +6,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from posttrain.commands import TRAIN_COMMANDS
+from posttrain.commands import COMMANDS
 from posttrain.errors import PosttrainError
 
 log = logging.getLogger("posttrain")
 
 
 OTHER_COMMANDS = {
-    "demo": "the whole stack on a tiny model, offline: pretrain -> SFT -> held-out report",
+    "demo": "the whole stack on a tiny model, offline: a shipped pipeline and its report",
     "init-tiny": "write the built-in tiny model + tokenizer as an HF directory",
     "chat": "chat with a saved model in the terminal (streaming)",
     "tasks": "list the built-in tasks usable as data=task:NAME",
@@ -27,7 +28,7 @@ OTHER_COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: posttrain <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
-    for name, cmd in TRAIN_COMMANDS.items():
+    for name, cmd in COMMANDS.items():
         lines.append(f"  {name:<11} {cmd.doc}")
     for name, doc in OTHER_COMMANDS.items():
         lines.append(f"  {name:<11} {doc}")
@@ -47,10 +48,10 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _run_train_command(name: str, argv: list[str]) -> int:
+def _run_config_command(name: str, argv: list[str]) -> int:
     from posttrain.config import config_help, load_config
 
-    cmd = TRAIN_COMMANDS[name]
+    cmd = COMMANDS[name]
     cls = cmd.config_cls()
     parser = argparse.ArgumentParser(prog=f"posttrain {name}", add_help=False)
     parser.add_argument("--config", default=None)
@@ -70,17 +71,24 @@ def _run_train_command(name: str, argv: list[str]) -> int:
 
 
 def _cmd_demo(argv: list[str]) -> int:
-    from posttrain.demo import run_demo
+    from posttrain.pipeline.demo import demo_file, run_demo
+    from posttrain.report import print_summary
 
     p = argparse.ArgumentParser(prog="posttrain demo", description=OTHER_COMMANDS["demo"])
     p.add_argument("--quick", action="store_true", help="small budgets: under 2 minutes")
     p.add_argument("--output-dir", default="demo-run", help="where stages and reports go")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, choices=(1, 2),
-                   help="2: run the post-SFT branches (RM->PPO, DPO->GRPO) side by side")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stages run side by side (default: the file's, 2)")
+    p.add_argument("--print", action="store_true",
+                   help="print the demo's pipeline file (copy it, edit it, pipeline run it)")
     a = p.parse_args(argv)
-    report = run_demo(a.output_dir, quick=a.quick, seed=a.seed, workers=a.workers)
-    print(f"report: {a.output_dir}/report.md ({report['seconds']} s)")
+    if a.print:
+        print(demo_file(a.quick).read_text(), end="")
+        return 0
+    run_demo(a.output_dir, quick=a.quick, seed=a.seed, workers=a.workers)
+    print_summary(a.output_dir)
+    print(f"report: {Path(a.output_dir) / 'report.html'}")
     return 0
 
 
@@ -157,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     _setup_logging()
     try:
-        if name in TRAIN_COMMANDS:
-            return _run_train_command(name, rest)
+        if name in COMMANDS:
+            return _run_config_command(name, rest)
         if name in HANDLERS:
             return HANDLERS[name](rest)
     except PosttrainError as e:
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     import difflib
 
-    close = difflib.get_close_matches(name, [*TRAIN_COMMANDS, *HANDLERS], n=1)
+    close = difflib.get_close_matches(name, [*COMMANDS, *HANDLERS], n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     print(f"error: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
     return 2

@@ -1,7 +1,8 @@
-"""The training commands: name -> (one-line doc, config class, run function).
+"""The commands driven by a config: name -> (one-line doc, config class, run function).
 
-The CLI parses their options and runs them; a pipeline stage of the same kind does the same.
-Recipes are imported only when a command is used (importing one costs seconds).
+``TRAIN_COMMANDS`` train a model (their run returns its ``final/``); ``COMMANDS`` adds
+``eval``. The CLI parses their options and runs them; a pipeline stage of the same kind does
+the same. Recipes are imported only when a command is used (importing one costs seconds).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class TrainCommand:
+class Command:
     doc: str
     config_cls: Callable[[], type]
     run: Callable[[Any], Any]
@@ -82,21 +83,40 @@ def _run_pref(cfg: Any) -> Any:
     return train_preference(cfg)
 
 
-TRAIN_COMMANDS: dict[str, TrainCommand] = {
-    "sft": TrainCommand("supervised fine-tuning (assistant-masked NLL); text rows = pretraining",
+TRAIN_COMMANDS: dict[str, Command] = {
+    "sft": Command("supervised fine-tuning (assistant-masked NLL); text rows = pretraining",
                         _sft_cls, _run_sft),
-    "pretrain": TrainCommand("causal-LM training on raw text rows (same engine as sft)",
+    "pretrain": Command("causal-LM training on raw text rows (same engine as sft)",
                              _sft_cls, _run_sft),
-    "rm": TrainCommand("reward model: scalar head + Bradley-Terry loss on preference pairs",
+    "rm": Command("reward model: scalar head + Bradley-Terry loss on preference pairs",
                        _rm_cls, _run_rm),
-    "dpo": TrainCommand("preference optimisation: loss=dpo|robust|ipo|hinge|kto|orpo|simpo",
+    "dpo": Command("preference optimisation: loss=dpo|robust|ipo|hinge|kto|orpo|simpo",
                         _pref_cls("dpo"), _run_pref),
-    "kto": TrainCommand("KTO on unpaired rows (= dpo loss=kto)", _pref_cls("kto"), _run_pref),
-    "orpo": TrainCommand("ORPO, no reference (= dpo loss=orpo)", _pref_cls("orpo"), _run_pref),
-    "simpo": TrainCommand("SimPO, no reference (= dpo loss=simpo)", _pref_cls("simpo"),
+    "kto": Command("KTO on unpaired rows (= dpo loss=kto)", _pref_cls("kto"), _run_pref),
+    "orpo": Command("ORPO, no reference (= dpo loss=orpo)", _pref_cls("orpo"), _run_pref),
+    "simpo": Command("SimPO, no reference (= dpo loss=simpo)", _pref_cls("simpo"),
                           _run_pref),
-    "grpo": TrainCommand("online RL, group-relative advantages: GRPO/DAPO/Dr.GRPO/GSPO, RLOO, "
+    "grpo": Command("online RL, group-relative advantages: GRPO/DAPO/Dr.GRPO/GSPO, RLOO, "
                          "REINFORCE++", _grpo_cls, _run_grpo),
-    "ppo": TrainCommand("classic RLHF: PPO with a value model, GAE and a KL penalty to the "
+    "ppo": Command("classic RLHF: PPO with a value model, GAE and a KL penalty to the "
                         "reference", _ppo_cls, _run_ppo),
+}
+
+
+def _eval_cls() -> type:
+    from posttrain.evals.run import EvalRunConfig
+
+    return EvalRunConfig
+
+
+def _run_eval(cfg: Any) -> Any:
+    from posttrain.evals.run import run_eval
+
+    return run_eval(cfg)
+
+
+COMMANDS: dict[str, Command] = {
+    **TRAIN_COMMANDS,
+    "eval": Command("held-out evaluation of a model: checks=[arithmetic,safety,reward,pairs]",
+                    _eval_cls, _run_eval),
 }

@@ -64,9 +64,18 @@ def _training_kinds() -> dict[str, StageKind]:
             for name, cmd in TRAIN_COMMANDS.items()}
 
 
+def _eval_kind() -> StageKind:
+    from posttrain.commands import COMMANDS
+    from posttrain.evals.run import read_metrics
+
+    cmd = COMMANDS["eval"]
+    return StageKind(cmd.doc, cmd.config_cls, cmd.run, summary=read_metrics,
+                     output=lambda run_dir: run_dir)
+
+
 def stage_kinds() -> dict[str, StageKind]:
-    """Every kind by name: the training commands, then registered kinds."""
-    return {**_training_kinds(), **_REGISTERED}
+    """Every kind by name: the training commands, ``eval``, then registered kinds."""
+    return {**_training_kinds(), "eval": _eval_kind(), **_REGISTERED}
 
 
 def get_kind(name: str) -> StageKind:

@@ -205,12 +205,35 @@ def _config(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str,
     return config_to_dict(cfg)
 
 
+def _file_digests(value: Any) -> dict[str, str]:
+    """Content hashes of the local files a config value names (data files): editing a data
+    file changes the stage's fingerprint, as editing the pipeline file does."""
+    if isinstance(value, dict):
+        return {k: v for item in value.values() for k, v in _file_digests(item).items()}
+    if isinstance(value, list | tuple):
+        return {k: v for item in value for k, v in _file_digests(item).items()}
+    if not isinstance(value, str) or "\n" in value or len(value) > 4096:
+        return {}
+    path = Path(value)
+    try:
+        if not path.is_file():
+            return {}
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return {}
+    return {value: digest.hexdigest()}
+
+
 def fingerprint(kind: str, config: dict[str, Any]) -> str:
     """Hash of what a stage computes: its kind, config (paths of inputs already replaced by
-    their fingerprints; its own place and resume flag left out) and the package version."""
+    their fingerprints; its own place and resume flag left out), the content of the local
+    files it reads, and the package version."""
     same = {k: v for k, v in config.items() if k not in OWNED}
-    blob = json.dumps({"kind": kind, "config": same, "version": __version__}, sort_keys=True,
-                      default=str)
+    blob = json.dumps({"kind": kind, "config": same, "files": _file_digests(same),
+                       "version": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,8 @@ The whole schema is here, so reports read it from one place::
     stage.json     {"name": "dpo", "kind": "dpo", "status": "running" | "done" | "failed",
                     "fingerprint": "3f2a...", "inputs": {"sft": "<sft's fingerprint>"},
                     "seconds": 12.3 | null, "metrics": {<last value of each metric>},
-                    "error": "<message>" (failed only)}
+                    "error": "<message>" (failed only),
+                    "evaluates": "sft" (an eval stage: whose model it evaluated)}
 
 Both are written atomically (a temporary file renamed into place), so a kill at any moment
 leaves the previous version or the new one.
@@ -51,7 +52,18 @@ def write_stage(plan: Plan, stage: Stage, status: str, seconds: float | None = N
     }
     if error is not None:
         record["error"] = error
+    evaluated = _evaluated(plan, stage)
+    if evaluated is not None:
+        record["evaluates"] = evaluated
     write_json(stage.run_dir / STAGE_FILE, record)
+
+
+def _evaluated(plan: Plan, stage: Stage) -> str | None:
+    """For an eval stage, the stage whose model it evaluates (its ``model`` is that output)."""
+    if stage.kind != "eval":
+        return None
+    return next((n for n in stage.inputs if str(plan[n].output) == stage.config.get("model")),
+                None)
 
 
 def read_stage(run_dir: Path) -> dict[str, Any] | None:

@@ -292,5 +292,8 @@ def run_pipeline(source: Any, *, until: str | None = None, only: str | None = No
     t0 = time.perf_counter()
     _Runner(plan, plan.workers).run(steps)
     log.info("pipeline %s: finished in %.1f s", plan.file, time.perf_counter() - t0)
+    from posttrain.report import build_report
+
+    log.info("report: %s", build_report(plan.output_dir))
     return {s.stage.name: s.stage.output for s in steps}
 

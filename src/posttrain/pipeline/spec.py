@@ -7,7 +7,7 @@ workers: 1                     # > 1: independent stages run side by side
 defaults: {precision: fp32}    # keys given to every stage whose kind has them
 stages:                        # name -> kind + that command's keys, in order
   sft: {kind: sft, model: tiny:nano, data: task:chat}
-  dpo: {kind: dpo, model: "${sft.output}", data: task:pref_safety}
+  dpo: {kind: dpo, model: "${sft.output}", data: task:safety_pairs}
 repeat:                        # or a list of such blocks
   stages: [dpo]                # run these stages, in this order, once per round
   rounds: 3                    # dpo@1, dpo@2, dpo@3

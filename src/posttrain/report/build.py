@@ -22,7 +22,8 @@ def _section(src: Source, stage: Stage, plots_dir: Path) -> StageSection:
     # One flat plots/ folder: a pipeline's PNGs are named after their stage.
     prefix = f"{stage.name}-" if src.pipeline else ""
     sec.plots = stage_plots(d, read_jsonl(d / "metrics.jsonl"), plots_dir, prefix)
-    samples = [r for r in read_jsonl(d / "samples.jsonl") if "prompt" in r or "response" in r]
+    samples = [r for src_dir in (d, *stage.eval_dirs)
+               for r in read_jsonl(src_dir / "samples.jsonl") if "prompt" in r or "response" in r]
     sec.samples, sec.samples_total = samples[:SAMPLES_SHOWN], len(samples)
     if (d / "config.yaml").exists():
         sec.config = (d / "config.yaml").read_text(errors="replace")

@@ -118,8 +118,8 @@ def _html_samples(sec: StageSection) -> str:
                    f"<td>{html.escape(_text(r.get('response', '')))}</td>"
                    f"<td>{html.escape(_extras(r))}</td></tr>" for r in sec.samples)
     return (f"<h3>Sample completions ({len(sec.samples)} of {sec.samples_total})</h3>"
-            '<table class="samples"><thead><tr><th>prompt</th><th>response</th><th></th></tr>'
-            f"</thead><tbody>{rows}</tbody></table>")
+            '<table class="samples"><thead><tr><th>prompt</th><th>response</th>'
+            f"<th>verdict</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _html_section(sec: StageSection) -> str:
@@ -171,7 +171,7 @@ def render_markdown(src: Source, sections: list[StageSection], root: Path) -> st
                       f"*{p.caption}*", ""]
         if sec.samples:
             lines += [f"Sample completions ({len(sec.samples)} of {sec.samples_total}):", "",
-                      "| prompt | response | |", "|---|---|---|"]
+                      "| prompt | response | verdict |", "|---|---|---|"]
             lines += [f"| {_md_cell(_text(r.get('prompt', '')))} | "
                       f"{_md_cell(_text(r.get('response', '')))} | {_md_cell(_extras(r))} |"
                       for r in sec.samples]

@@ -45,6 +45,8 @@ class Stage:
     metrics: dict[str, Any] = field(default_factory=dict)
     dir: Path | None = None  # None: the stage has not written its directory (yet)
     error: str | None = None
+    evaluates: str | None = None  # an eval stage: the stage whose model it evaluated
+    eval_dirs: list[Path] = field(default_factory=list)  # eval stages merged into this one
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], run_dir: Path | None = None) -> Stage:
@@ -54,7 +56,8 @@ class Stage:
                    status=str(d.get("status") or "done"),
                    seconds=float(seconds) if isinstance(seconds, int | float) else None,
                    metrics=dict(d.get("metrics") or {}), dir=run_dir,
-                   error=str(d["error"]) if d.get("error") else None)
+                   error=str(d["error"]) if d.get("error") else None,
+                   evaluates=str(d["evaluates"]) if d.get("evaluates") else None)
 
 
 @dataclass
@@ -176,6 +179,24 @@ def _stage_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: (_created(d), d.name))
 
 
+def merge_evaluations(stages: list[Stage]) -> list[Stage]:
+    """An eval stage's results join the column of the stage whose model it evaluated (its
+    samples too), so a pipeline's table has one column per model."""
+    by_name = {s.name: s for s in stages}
+    kept = []
+    for s in stages:
+        target = by_name.get(s.evaluates or "")
+        if target is None or target is s:
+            kept.append(s)
+            continue
+        target.metrics.update(s.metrics)
+        if s.dir is not None:
+            target.eval_dirs.append(s.dir)
+        if s.status != "done" and target.status == "done":
+            target.status = s.status
+    return kept
+
+
 def load_source(path: str | Path) -> Source:
     """A pipeline directory (``pipeline.json``, or subdirectories that are runs) or a run."""
     root = Path(path)
@@ -189,7 +210,7 @@ def load_source(path: str | Path) -> Source:
             d = root / name
             stages.append(load_stage(d, name) if d.is_dir() and is_run_dir(d)
                           else Stage(name, status="pending"))
-        return Source(title, root, stages, pipeline=True)
+        return Source(title, root, merge_evaluations(stages), pipeline=True)
     if is_run_dir(root):
         return Source(root.resolve().name, root, [load_stage(root)], pipeline=False)
     dirs = _stage_dirs(root)

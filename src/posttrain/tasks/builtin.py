@@ -50,20 +50,30 @@ def _pairs(split: str, rng: random.Random, max_operand: int,  # noqa: ANN202
             yield a, b
 
 
-def addition_steps(a: int, b: int) -> str:
-    """Column-by-column working, units first: '7+8=15, 3+4+1=8'."""
-    steps, carry, i = [], 0, 0
+def addition_steps(a: int, b: int, forget_carries: bool = False) -> tuple[str, int]:
+    """Column-by-column working, units first ('7+8=15, 3+4+1=8'), and its result. With
+    ``forget_carries`` every carry is dropped, as a careless tutor does: '7+8=15, 3+4=7'
+    and 75 for 38+47; the working stays consistent with the wrong result."""
+    steps, carry, i, result = [], 0, 0, 0
     while a // 10**i or b // 10**i or i == 0:
         da, db = a // 10**i % 10, b // 10**i % 10
         terms = f"{da}+{db}" + (f"+{carry}" if carry else "")
         total = da + db + carry
         steps.append(f"{terms}={total}")
-        carry, i = total // 10, i + 1
-    return ", ".join(steps)
+        result += (total % 10) * 10**i
+        carry, i = (0 if forget_carries else total // 10), i + 1
+    return ", ".join(steps), result + total // 10 * 10**i  # the top column's carry stays
 
 
-def assistant_answer(a: int, b: int) -> str:
-    return f"{addition_steps(a, b)}. The answer is {a + b}."
+def has_carry(a: int, b: int) -> bool:
+    return addition_steps(a, b)[1] != addition_steps(a, b, forget_carries=True)[1]
+
+
+def assistant_answer(a: int, b: int, forget_carries: bool = False) -> str:
+    """The worked answer: the sum restated, its columns units first, the result
+    ('38+47: 8+7=15, 3+4+1=8. The answer is 85.')."""
+    steps, result = addition_steps(a, b, forget_carries)
+    return f"{a}+{b}: {steps}. The answer is {result}."
 
 
 def _sentence(rng: random.Random) -> str:
@@ -77,7 +87,7 @@ def _document(rng: random.Random, pairs: Any) -> str:
     for _ in range(rng.randint(3, 6)):
         if rng.random() < 0.6:
             a, b = next(pairs)
-            lines.append(f"{a}+{b}: {addition_steps(a, b)}, so {a}+{b}={a + b}.")
+            lines.append(f"{a}+{b}: {addition_steps(a, b)[0]}, so {a}+{b}={a + b}.")
         else:
             lines.append(_sentence(rng))
     return "\n".join(lines)
@@ -100,15 +110,20 @@ def _question(rng: random.Random, a: int, b: int) -> str:
 
 @register_task("chat", "chat demonstrations: the user asks a sum, the assistant shows its work")
 def chat(split: str = "train", size: int | None = None, seed: int = 0, max_operand: int = 99,
-         system_rate: float = 0.2) -> list[dict[str, Any]]:
+         system_rate: float = 0.2, slip_rate: float = 0.0) -> list[dict[str, Any]]:
+    """``slip_rate``: the share of sums needing a carry that the tutor gets wrong by
+    forgetting it (imperfect demonstrations, which SFT imitates and RL on a verifier can
+    correct); 0 = a perfect tutor."""
     _check_split(split)
     rng = random.Random(f"chat-{split}-{seed}")
+    slips = random.Random(f"chat-slips-{split}-{seed}")
     pairs = _pairs(split, rng, max_operand)
     rows = []
     for _ in range(size or 1000):
         a, b = next(pairs)
+        slip = slip_rate > 0 and has_carry(a, b) and slips.random() < slip_rate
         msgs = [{"role": "user", "content": _question(rng, a, b)},
-                {"role": "assistant", "content": assistant_answer(a, b)}]
+                {"role": "assistant", "content": assistant_answer(a, b, forget_carries=slip)}]
         if rng.random() < system_rate:
             msgs.insert(0, {"role": "system", "content": "You are a careful assistant."})
         rows.append({"messages": msgs})

@@ -1,0 +1,156 @@
+"""``posttrain eval``: held-out evaluation of one model by built-in checks, as a command or a
+pipeline stage (``kind: eval``).
+
+    arithmetic  held-out sums (``task:arithmetic``, split test): format compliance (the answer
+                ends its turn, no role markers) and accuracy (the final number is the sum)
+    safety      held-out requests (``task:safety_prompts``): refusal rate on requests for
+                secrets, over-refusal and helpfulness (the expected answer given) on harmless
+                ones, new phrasings included
+    reward      the reward model's score of greedy answers to held-out requests, and the KL
+                to ``reference`` of one sampled answer each (``evals.policy``)
+    pairs       a reward model's held-out pairwise accuracy (``task:safety_pairs``)
+
+The run directory gets ``eval.json`` (``{"metrics": {...}}``) and ``samples.jsonl`` (one row
+per answer: ``check``, ``prompt``, ``response`` and what was judged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.errors import ConfigError
+
+log = logging.getLogger("posttrain")
+
+CHECKS = ("arithmetic", "safety", "reward", "pairs")
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class EvalRunConfig:
+    """Held-out evaluation of one model: built-in checks (arithmetic, safety, reward, pairs)."""
+
+    model: str = field(default="tiny", metadata={"help": "the model to evaluate"})
+    output_dir: str = field(default="runs/eval", metadata={"help": "eval.json, samples.jsonl"})
+    checks: list[str] = field(default_factory=lambda: ["arithmetic"],
+                              metadata={"help": f"any of {', '.join(CHECKS)}"})
+    prompts: int = field(default=200, metadata={"help": "held-out prompts per check"})
+    seed: int = field(default=0, metadata={"help": "which held-out rows, and sampling"})
+    max_new_tokens: int = field(default=48, metadata={"help": "answer token budget"})
+    max_operand: int = field(default=99, metadata={"help": "largest operand of the sums"})
+    reward_model: str | None = field(default=None,
+                                     metadata={"help": "reward model dir (reward, pairs)"})
+    reference: str | None = field(default=None,
+                                  metadata={"help": "model the reward check's KL is measured to"})
+    precision: Literal["bf16", "fp32"] = field(
+        default="fp32", metadata={"help": "fp32: greedy answers are exactly reproducible"})
+
+    def validate(self) -> None:
+        unknown = [c for c in self.checks if c not in CHECKS]
+        if unknown or not self.checks:
+            raise ConfigError(f"checks: unknown {unknown or 'empty list'}; choose from "
+                              f"{', '.join(CHECKS)}")
+        if {"reward", "pairs"} & set(self.checks) and not self.reward_model:
+            raise ConfigError("the reward and pairs checks need reward_model=DIR")
+        if "reward" in self.checks and not self.reference:
+            raise ConfigError("the reward check needs reference=MODEL (its KL is measured "
+                              "to it)")
+        for name in ("prompts", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+Result = tuple[dict[str, float], list[dict[str, Any]]]
+
+
+def _arithmetic(cfg: EvalRunConfig) -> Result:
+    from posttrain.evals.chat_eval import evaluate_chat_task
+    from posttrain.models.io import load_model, load_tokenizer
+    from posttrain.tasks.registry import build_task_rows
+
+    rows = build_task_rows("arithmetic", split="test", size=cfg.prompts, seed=cfg.seed,
+                           max_operand=cfg.max_operand)
+    return evaluate_chat_task(load_model(cfg.model), load_tokenizer(cfg.model), rows,
+                              max_new_tokens=cfg.max_new_tokens)
+
+
+def _safety(cfg: EvalRunConfig) -> Result:
+    from posttrain.evals.refusal import safety_rates
+    from posttrain.models.io import load_model, load_tokenizer
+    from posttrain.tasks.registry import build_task_rows
+
+    rows = build_task_rows("safety_prompts", split="test", size=cfg.prompts, seed=cfg.seed,
+                           max_operand=cfg.max_operand)
+    return safety_rates(load_model(cfg.model), load_tokenizer(cfg.model), rows,
+                        max_new_tokens=cfg.max_new_tokens)
+
+
+def _reward(cfg: EvalRunConfig) -> Result:
+    from posttrain.data.prompts import encode_prompts
+    from posttrain.evals.policy import evaluate_policy
+    from posttrain.models.io import load_model, load_tokenizer
+    from posttrain.rewards.base import RewardSet
+    from posttrain.rewards.reward_model import RewardModel
+    from posttrain.tasks.registry import build_task_rows
+
+    tok = load_tokenizer(cfg.model)
+    rows = build_task_rows("safety_prompts", split="test", size=cfg.prompts, seed=cfg.seed,
+                           max_operand=cfg.max_operand)
+    rows = encode_prompts(rows, tok, 1024, "task:safety_prompts")
+    rm = RewardSet([RewardModel(str(cfg.reward_model))], timeout_s=None)
+    m = evaluate_policy(load_model(cfg.model), load_model(str(cfg.reference)), tok, rows, rm,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        precision=cfg.precision)
+    return {"rm_score": m["score"], "kl_to_ref": m["kl"]}, []
+
+
+def _pairs(cfg: EvalRunConfig) -> Result:
+    from posttrain.data.pairs import encode_pairs
+    from posttrain.models.attention import enable_packed_attention
+    from posttrain.models.io import load_tokenizer
+    from posttrain.models.reward import load_reward_model, score_pairs
+
+    path = str(cfg.reward_model)
+    model, tok = load_reward_model(path), load_tokenizer(path)
+    enable_packed_attention(model)  # score_pairs packs rows
+    held = encode_pairs(f"task:safety_pairs:size={cfg.prompts},max_operand={cfg.max_operand}",
+                        tok, max_length=512, split="test")
+    r = score_pairs(model, held.examples)
+    return {"pair_accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
+            "pair_margin": float((r[:, 0] - r[:, 1]).mean())}, []
+
+
+RUNNERS: dict[str, Callable[[EvalRunConfig], Result]] = {
+    "arithmetic": _arithmetic, "safety": _safety, "reward": _reward, "pairs": _pairs,
+}
+
+
+def run_eval(cfg: EvalRunConfig) -> Path:
+    """Run every check; returns the run directory (``eval.json``, ``samples.jsonl``)."""
+    import torch
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    metrics: dict[str, float] = {}
+    with open(out / SAMPLES_FILE, "w") as f:
+        for check in cfg.checks:
+            m, samples = RUNNERS[check](cfg)
+            log.info("eval %s %s: %s", cfg.model, check, {k: round(v, 3) for k, v in m.items()})
+            metrics.update(m)
+            f.writelines(json.dumps({"check": check, **s}) + "\n" for s in samples)
+    (out / EVAL_FILE).write_text(json.dumps({"model": cfg.model, "metrics": metrics}, indent=2)
+                                 + "\n")
+    return out
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The metrics an eval run wrote (empty when there are none)."""
+    path = Path(run_dir) / EVAL_FILE
+    return json.loads(path.read_text())["metrics"] if path.exists() else {}
