@@ -54,12 +54,12 @@ def test_skip_bad_rows_counts_them(tmp_path):
     assert first["data/skipped_rows"] == 2 and first["data/rows"] == 3
 
 
-def test_existing_run_requires_resume(capsys, tmp_path, chat_jsonl):
+def test_existing_run_is_refused(capsys, tmp_path, chat_jsonl):
     args = ["sft", "model=tiny:nano", f"data={chat_jsonl}", f"output_dir={tmp_path}",
             "max_steps=1"]
     assert main(args) == 0
     assert main(args) == 2
-    assert "resume=true" in capsys.readouterr().err
+    assert "is a finished run (final/ exists)" in capsys.readouterr().err
 
 
 def test_unknown_command_suggests(capsys):

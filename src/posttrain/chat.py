@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -33,11 +34,17 @@ def chat_main(argv: list[str]) -> int:
     stop = [i for i in (end_of_turn_token_id(tok), tok.eos_token_id) if i is not None]
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     interactive = sys.stdin.isatty()
+    _keep_undecodable_input()
     while True:
         try:
             user = input("you> " if interactive else "")
         except EOFError:
             return 0
+        if _SURROGATE.search(user):
+            # A stray byte in a pasted line must not end the session: refuse that line only.
+            print(f"input is not valid {sys.stdin.encoding or 'UTF-8'}; ignored, type it again",
+                  file=sys.stderr, flush=True)
+            continue
         if user.strip() in ("/exit", "/quit"):
             return 0
         if user.strip() == "/reset":
@@ -46,6 +53,18 @@ def chat_main(argv: list[str]) -> int:
         history.append({"role": "user", "content": user})
         reply = _respond(model, tok, history, a, stop)
         history.append({"role": "assistant", "content": reply})
+
+
+# Undecodable bytes read under "surrogateescape" (U+DC80..U+DCFF), or any lone surrogate.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _keep_undecodable_input() -> None:
+    """Read stdin with "surrogateescape": a byte that is not in its encoding becomes a
+    surrogate that the loop can refuse, instead of a UnicodeDecodeError ending the session."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:  # a real text stream, not a test's StringIO
+        reconfigure(errors="surrogateescape")
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@
 - anything else is tried as a hub dataset name (``datasets.load_dataset(name, split=split)``).
 
 Every row is validated; a bad row raises a DataError naming where it is and which field is
-wrong, or, with ``on_bad_row="skip"``, is dropped and counted in ``Rows.skipped``.
+wrong, or, with ``on_bad_row="skip"``, is dropped and counted in ``Rows.skipped``. Text that
+is not valid UTF-8 (a stray Latin-1 byte, a lone surrogate) makes its row a bad row too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import csv
 import json
 import logging
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,7 @@ def _validate_all(
         try:
             if isinstance(raw, _Unreadable):
                 raise DataError(raw.error)
+            _check_text(raw, where)
             if fmt is None:
                 # Decided by the first valid row; bad rows before it are just bad rows.
                 candidate = _choose_format(raw, formats, where)
@@ -135,6 +138,31 @@ def _choose_format(row: Any, formats: Collection[str] | None, where: str) -> str
     )
 
 
+# Lone surrogates: what undecodable bytes become under "surrogateescape", or what a JSON
+# "\\udce9" escape gives. No tokenizer can encode them, so they are bad text, not a crash later.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _check_text(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        return
+    for key, value in row.items():
+        if _has_surrogate(key) or _has_surrogate(value):
+            # backslashreplace: the message itself must be printable as UTF-8.
+            shown = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+            raise DataError(f"{where}: field '{shown}': not valid UTF-8 (a lone surrogate)")
+
+
 def _validate_same_format(row: Any, fmt: str, where: str) -> dict[str, Any]:
     # A key present but null is the row's problem (validate_row names it); absent keys
     # mean the row is in another format than the rows before it.
@@ -175,7 +203,7 @@ def _looks_like_path(spec: str) -> bool:
 def _file_rows(path: Path) -> Located:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _jsonl_rows(path, path.read_text(encoding="utf-8"))
+        return _jsonl_rows(path, _read_text(path))
     if suffix == ".json":
         return _json_rows(path)
     if suffix == ".parquet":
@@ -194,19 +222,35 @@ class _Unreadable:
     error: str
 
 
+# What "surrogateescape" decodes each byte that is not UTF-8 to: U+DC80..U+DCFF.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8 are kept as escapes, so that only the rows
+    holding them fail (and can be skipped) instead of the whole file."""
+    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
 def _jsonl_rows(path: Path, text: str) -> Located:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines would also split inside rows at U+2028, U+0085...
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            row = _Unreadable(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
-        yield f"{path}:{lineno}", row
+        yield f"{path}:{lineno}", _jsonl_row(line, f"{path}:{lineno}")
+
+
+def _jsonl_row(line: str, where: str) -> Any:
+    if _ESCAPED_BYTE.search(line):
+        return _Unreadable(f"{where}: not valid UTF-8")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return _Unreadable(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
 
 
 def _json_rows(path: Path) -> Located:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -217,10 +261,18 @@ def _json_rows(path: Path) -> Located:
         # Not one JSON document: JSON lines saved with a .json name (as pandas/HF write it).
         return _jsonl_rows(path, text)
     if isinstance(data, dict):
-        return iter([(f"{path}[row 0]", data)])
+        data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
+    if _ESCAPED_BYTE.search(text):  # only then is it worth looking for them row by row
+        data = [_not_utf8(row, f"{path}[row {i}]") for i, row in enumerate(data)]
     return ((f"{path}[row {i}]", row) for i, row in enumerate(data))
+
+
+def _not_utf8(row: Any, where: str) -> Any:
+    """``row``, or an unreadable row when it holds bytes that were not UTF-8 in the file."""
+    shown = json.dumps(row, ensure_ascii=False)
+    return _Unreadable(f"{where}: not valid UTF-8") if _ESCAPED_BYTE.search(shown) else row
 
 
 def _parquet_rows(path: Path) -> Located:
@@ -236,16 +288,23 @@ def _parquet_rows(path: Path) -> Located:
 def _csv_rows(path: Path) -> Located:
     # The csv module rather than pandas: cells stay the exact strings written (pandas would
     # turn a completion "4" into the int 4), and errors can name the line.
-    with path.open(newline="", encoding="utf-8") as f:
+    # surrogateescape: a row with bytes that are not UTF-8 is one bad row, not a crash.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
+        if any(_ESCAPED_BYTE.search(name) for name in reader.fieldnames or ()):
+            raise DataError(f"{path}:1: not valid UTF-8 (in the header)")
         start = 2  # line 1 is the header
         for row in reader:
-            if None in row:  # DictReader files surplus cells under the key None
-                bad = _Unreadable(f"{path}:{start}: more cells than the header has columns")
-                yield f"{path}:{start}", bad
-            else:
-                yield f"{path}:{start}", _csv_typed(row)
+            yield f"{path}:{start}", _csv_row(row, f"{path}:{start}")
             start = reader.line_num + 1
+
+
+def _csv_row(row: dict[str, Any], where: str) -> Any:
+    if None in row:  # DictReader files surplus cells under the key None
+        return _Unreadable(f"{where}: more cells than the header has columns")
+    if any(isinstance(v, str) and _ESCAPED_BYTE.search(v) for v in row.values()):
+        return _Unreadable(f"{where}: not valid UTF-8")
+    return _csv_typed(row)
 
 
 def _csv_typed(row: dict[str, Any]) -> dict[str, Any]:
@@ -308,7 +367,21 @@ def _hub_rows(name: str, split: str) -> Located:
 
 
 def _dataset_rows(label: str, ds: Any) -> Located:
-    return ((f"{label}[row {i}]", _drop_arrow_nulls(row)) for i, row in enumerate(ds.to_list()))
+    try:
+        rows = ds.to_list()
+    except UnicodeDecodeError:
+        # Arrow strings should be UTF-8, but not every parquet writer checks: find the bad rows.
+        return _dataset_rows_one_by_one(label, ds)
+    return ((f"{label}[row {i}]", _drop_arrow_nulls(row)) for i, row in enumerate(rows))
+
+
+def _dataset_rows_one_by_one(label: str, ds: Any) -> Located:
+    for i in range(len(ds)):
+        try:
+            row: Any = _drop_arrow_nulls(ds[i])
+        except UnicodeDecodeError:
+            row = _Unreadable(f"{label}[row {i}]: not valid UTF-8")
+        yield f"{label}[row {i}]", row
 
 
 def _drop_arrow_nulls(row: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,11 @@ class TrainConfig:
     resume: bool = field(
         default=False, metadata={"help": "continue from the last checkpoint in output_dir"}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace the run already in output_dir (its final/, checkpoints, "
+                          "metrics); without it such a run is refused"},
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["jsonl"],
         metadata={"help": "metric sinks: any of jsonl, tensorboard, wandb"},

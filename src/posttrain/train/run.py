@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,14 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """
     info = ddp.init_distributed()
     run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log.warning("resume=true but %s has no checkpoint; starting from scratch", run_dir)
-    if not cfg.resume and (ckpt.list_checkpoints(run_dir) or (run_dir / "final").exists()):
-        raise PosttrainError(
-            f"output_dir '{run_dir}' already holds a run; pass resume=true to continue it "
-            f"or choose another output_dir"
-        )
     ddp.barrier(info)  # every rank has checked the directory before rank 0 writes to it
     if info.is_main:
+        if resume_from is None:
+            clear_run(run_dir)  # a fresh start: nothing of an earlier run may mix with it
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             step = ckpt.load_trainer_state(resume_from)["step"]
@@ -47,6 +46,40 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
     seed_everything(cfg.seed)
     ddp.barrier(info)
     return run_dir, resume_from
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, a run that would replace a finished run's ``final/`` or mix
+    with an unfinished run's checkpoints; ``overwrite=true`` allows both."""
+    if overwrite:
+        return
+    if (run_dir / "final").exists():
+        raise PosttrainError(
+            f"{run_dir} is a finished run (final/ exists); use a new output_dir, "
+            "or overwrite=true to replace it"
+        )
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise PosttrainError(
+            f"output_dir '{run_dir}' already holds a run; pass resume=true to continue it, "
+            "overwrite=true to replace it, or choose another output_dir"
+        )
+
+
+# What a run writes into its directory; a fresh start removes them and nothing else, since
+# output_dir may be a directory that also holds the user's own files.
+RUN_FILES = (
+    "final", ".tmp-final", "checkpoints", "metrics.jsonl", INSTRUMENTS, "tensorboard",
+)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove an earlier run's model, checkpoints and step logs from ``run_dir``."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():  # a link is removed, not what it points to
+            path.unlink()
 
 
 def truncate_after_step(path: Path, step: int) -> None:
