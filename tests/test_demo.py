@@ -47,15 +47,13 @@ def test_demo_every_stage_does_its_job(tmp_path, seed):
     assert (out / "report.html").exists() and (out / "plots").is_dir()
 
 
-@pytest.mark.slow
-def test_quick_demo_runs_every_stage(tmp_path):
-    """The quick demo shows the mechanics (its budgets are too small for the stages' effects,
-    docs/demo.md): every stage runs, SFT teaches the format, the report is written."""
-    out = tmp_path / "demo"
-    run_demo(out, quick=True)
-    m = _columns(out)
-    assert list(m) == ["base", "sft", "rm", "dpo", "ppo", "grpo"]
-    assert m["base"]["format_rate"] <= 0.2 and m["sft"]["format_rate"] >= 0.95
-    assert all("rm_score" in m[k] for k in ("sft", "dpo", "ppo"))
-    assert json.loads((out / "pipeline.json").read_text())["stages"][0] == "base"
-    assert (out / "report.md").read_text().startswith("# ")
+def test_quick_demo_file_is_valid_and_has_the_demo_stages():
+    """The quick file is the demo's stages on smaller budgets (docs/demo.md); running it is
+    what every pipeline test does, so here it is only checked, as `pipeline check` does."""
+    from posttrain.pipeline import load_plan
+
+    full, quick = load_plan(demo_file()), load_plan(demo_file(quick=True))
+    assert quick.names == full.names
+    budget = {s.name: s.config.get("max_steps") for s in quick.stages}
+    assert all(budget[s.name] <= s.config.get("max_steps", 0) for s in full.stages
+               if "max_steps" in s.config)

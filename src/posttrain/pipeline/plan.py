@@ -176,7 +176,7 @@ def _blame(message: str, paths: dict[str, str], cls: type) -> tuple[str | None, 
 
 def _owned(cls: type, run_dir: Path) -> dict[str, Any]:
     """The keys the pipeline sets (see spec.OWNED), for the kinds that have them."""
-    owned = {"output_dir": str(run_dir), "resume": False}
+    owned = {"output_dir": str(run_dir), "resume": False, "overwrite": False}
     return {k: v for k, v in owned.items() if k in config_fields(cls)}
 
 

@@ -171,6 +171,8 @@ class _Runner:
         config = dict(stage.config)
         if "resume" in config:
             config["resume"] = step.action == RESUME
+        if "overwrite" in config:  # killed after writing final/ but before stage.json said so
+            config["overwrite"] = step.action == RESUME
         return config
 
     def finish(self, stage: Stage, produced: str | None, err: BaseException | None) -> None:

@@ -32,7 +32,8 @@ TOP_KEYS = ("output_dir", "seed", "workers", "defaults", "stages", "repeat")
 REPEAT_KEYS = ("stages", "rounds", "start")
 # The pipeline sets these in every stage: where it runs, and whether it resumes.
 OWNED = {"output_dir": "every stage runs in <output_dir>/<stage name>",
-         "resume": "the pipeline resumes interrupted stages itself"}
+         "resume": "the pipeline resumes interrupted stages itself",
+         "overwrite": "the pipeline replaces a changed stage's directory itself"}
 
 
 @dataclass(frozen=True)
