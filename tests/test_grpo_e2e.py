@@ -64,7 +64,8 @@ def test_grpo_variants_run_and_resume_exactly(tmp_path, digit_reward):
     part = _cfg(tmp_path, "part", *extra)
     part.max_steps = 2
     train_grpo(part)
-    resumed = _cfg(tmp_path, "part", *extra, "resume=true")
+    resumed = _cfg(tmp_path, "part", *extra, "resume=true",
+                   "overwrite=true")  # part wrote final/ at its step 2: replace it
     final = train_grpo(resumed)
     from safetensors.torch import load_file
 

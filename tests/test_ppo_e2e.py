@@ -143,7 +143,8 @@ def test_ppo_resumes_exactly(tmp_path, rm_dir, lora):
     part = _cfg(tmp_path, "part", rm_dir, *extra)
     part.max_steps = 2
     train_ppo(part)
-    resumed = train_ppo(_cfg(tmp_path, "part", rm_dir, *extra, "resume=true"))
+    resumed = train_ppo(_cfg(tmp_path, "part", rm_dir, *extra, "resume=true",
+                                "overwrite=true"))  # part wrote final/ at its step 2
     _assert_same(full, resumed)
     _assert_same(full / VALUE, resumed / VALUE)
     a, b = _rows(tmp_path / "full")[-1], _rows(tmp_path / "part")[-1]

@@ -72,7 +72,7 @@ def test_grpo_resume_rewrites_instrument_rows_after_the_checkpoint(tmp_path: Pat
     train_grpo(load_config(GRPOConfig, None, args))
     first = read_rows(run, "advantages")
     assert [r["step"] for r in first] == [1, 2, 3]  # one row per step
-    train_grpo(load_config(GRPOConfig, None, [*args, "resume=true"]))  # from step-2
+    train_grpo(load_config(GRPOConfig, None, [*args, "resume=true", "overwrite=true"]))  # step-2
     again = read_rows(run, "advantages")
     assert [r["step"] for r in again] == [1, 2, 3]  # step 3 truncated, written once more
     assert again == first  # resume is exact on CPU
