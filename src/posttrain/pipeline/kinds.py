@@ -4,10 +4,10 @@ A kind is its config class (the same keys as its command), a run function that d
 stage's work and returns the model directory it produced, where that directory will be (so
 later stages can refer to it before it exists) and a summary of its metrics for
 ``stage.json``. Every training command of ``posttrain.commands.TRAIN_COMMANDS`` is a kind;
-``register_kind`` adds others (evaluation, Constitutional AI, a release gate)::
+``eval`` is one more; ``register_kind`` adds others (Constitutional AI, a release gate)::
 
-    register_kind("eval", StageKind("held-out evaluation", _eval_cls, run_eval,
-                                    summary=read_eval_metrics, output=lambda d: d))
+    register_kind("judge", StageKind("AI-judged preference labels", judge_config_cls,
+                                     run_judge, output=lambda run_dir: run_dir))
 
 Register a kind in the module that defines its config class: worker processes import that
 module before running the kind's stages, so they know it too.
