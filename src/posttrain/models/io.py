@@ -2,8 +2,10 @@
 
 Model specs: a local HF directory, a hub id, a ``.gguf`` file, ``pkg:NAME`` (a GGUF shipped
 in an installed package), or ``tiny`` / ``tiny:SIZE`` for the built-in tiny Llama; see
-``posttrain.models.resolve``. Weights are kept in fp32 (the engine autocasts to
-bf16) unless ``dtype`` says otherwise. ``trust_remote_code`` is off unless asked for.
+``posttrain.models.resolve``, which also turns a missing directory, a run directory without
+``config.json`` and an unreachable hub id into one-line errors before transformers sees them.
+Weights are kept in fp32 (the engine autocasts to bf16) unless ``dtype`` says otherwise.
+``trust_remote_code`` is off unless asked for.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):  # noqa: ANN2
     """The tokenizer of a model spec, with a chat template guaranteed (ChatML if it had none)."""
     if _tiny_size(spec):
         return tiny.build_tokenizer()
-    spec = resolve_spec(spec)  # GGUF / pkg: -> cached HF directory
+    path = resolve_spec(spec)  # checks dirs and hub ids; GGUF / pkg: -> cached HF directory
     try:
-        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise PosttrainError(_not_found_message(spec, e)) from None
     if tok.pad_token is None:
@@ -62,10 +64,10 @@ def load_model(
     size = _tiny_size(spec)
     if size:
         return tiny.build_model(size, seed=seed).to(dtype)
-    spec = resolve_spec(spec)  # GGUF / pkg: -> cached HF directory
+    path = resolve_spec(spec)  # checks dirs and hub ids; GGUF / pkg: -> cached HF directory
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec,
+            path,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,

@@ -8,6 +8,10 @@ end-of-turn token (SmolLM2 after ``pad = eos``: the search stops early). ``seque
 avoids both: it runs the body once over the packed row with varlen attention and applies the
 head at each sequence's known last position (from ``cu_seq_lens``, or the attention mask
 for padded batches).
+
+A checkpoint without a saved ``score`` head (a plain causal LM) loads with a *random* head;
+``require_head=True`` makes that an error wherever a trained reward model is expected
+(scoring rewards, evaluating), so a wrong path never trains a policy against noise.
 """
 
 from __future__ import annotations
@@ -26,35 +30,87 @@ from posttrain.errors import PosttrainError
 from posttrain.models import tiny
 from posttrain.models.attention import packed_kwargs
 from posttrain.models.io import _not_found_message, _tiny_size
+from posttrain.models.lora import is_adapter_dir
+from posttrain.models.resolve import resolve_spec
 
 log = logging.getLogger("posttrain")
 
 
 def load_reward_model(
     spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-    seed: int = 0,
+    seed: int = 0, require_head: bool = False, role: str = "reward",
 ) -> nn.Module:
-    """A one-label sequence classifier from a causal LM (new random head) or a saved RM.
+    """A one-label sequence classifier from a saved RM, or from a causal LM (new random head).
 
     ``tiny`` / ``tiny:SIZE`` builds the tiny Llama's body from ``seed`` with a fresh head.
+    ``require_head``: the caller needs a *trained* head (it scores with it); a checkpoint
+    without one raises a PosttrainError naming ``spec`` (``role`` words that message).
+    Otherwise a new head is expected, and transformers' "score.weight MISSING" report is
+    silenced (its other load warnings are kept).
     """
     size = _tiny_size(spec)
     if size:
+        if require_head:
+            raise PosttrainError(_no_head_message(spec, role))
         causal = tiny.build_model(size, seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForSequenceClassification(_one_label(causal.config))
         model.model.load_state_dict(causal.model.state_dict())
         return model.to(dtype)
+    path = resolve_spec(spec)  # clear errors for missing dirs, offline hub ids; GGUF -> dir
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa",
-        )
+        model, missing = _load_classifier(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise PosttrainError(_not_found_message(spec, e)) from None
+    # An adapter dir's base load always lacks the head; the adapter may carry it.
+    if require_head and missing and not is_adapter_dir(path):
+        raise PosttrainError(_no_head_message(spec, role))
     _one_label(model.config)
     return model
+
+
+def _no_head_message(spec: str, role: str) -> str:
+    todo = ("train one with posttrain rm, or pass a reward model directory (an rm run's final/)"
+            if role == "reward" else
+            "pass a saved value or reward model directory, or value_model=policy for a new head")
+    return f"model '{spec}' has no trained {role} head (score.weight missing): {todo}"
+
+
+def _load_classifier(path: str, **kwargs: Any) -> tuple[nn.Module, set[str]]:
+    """(model, head keys missing from the checkpoint). transformers' "LOAD REPORT" warning is
+    held back and re-emitted only when it says more than "new score head"."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" not in str(record.msg):
+            return True
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    info = None
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, attn_implementation="sdpa", output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(hold)
+        for record in held if info is None or not _only_new_head(info) else ():
+            logger.handle(record)
+    return model, {k for k in info["missing_keys"] if _is_head_key(k)}
+
+
+def _is_head_key(key: str) -> bool:
+    return key.split(".", 1)[0] == "score"
+
+
+def _only_new_head(info: dict[str, Any]) -> bool:
+    """Whether the load report says nothing beyond "new head, LM head dropped": the expected
+    outcome of loading a causal LM as a classifier."""
+    return (all(_is_head_key(k) for k in info["missing_keys"])
+            and all(k.split(".", 1)[0] == "lm_head" for k in info["unexpected_keys"])
+            and not info["mismatched_keys"])
 
 
 def _one_label(config: Any) -> Any:

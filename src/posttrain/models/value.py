@@ -9,6 +9,9 @@ So a value model saves and loads like a reward model, and it can start from one:
     load_value_model(rm_dir)        the reward model's body and head (its score is a good
                                     first guess of the return; the usual RLHF choice)
     load_value_model(policy_spec)   the policy's body and a fresh head
+    load_value_model(saved, tok, require_head=True)
+                                    a saved value model whose head must be there (resuming);
+                                    a checkpoint without one is an error, not a random head
 
 Its forward over rollout micro-batches is ``models.completion.token_values``.
 """
@@ -21,22 +24,20 @@ from typing import Any
 from torch import nn
 
 from posttrain.errors import ConfigError
-from posttrain.models.io import _tiny_size
 from posttrain.models.lora import LoraConfig, is_adapter_dir
 from posttrain.models.prefix import enable_prefix_attention
-from posttrain.models.resolve import resolve_spec
 from posttrain.models.reward import load_reward_model
 
 
 def load_value_model(spec: str, tokenizer: Any, *, lora: LoraConfig | None = None,
                      adapter_dir: str | Path | None = None, trust_remote_code: bool = False,
-                     seed: int = 0) -> nn.Module:
+                     seed: int = 0, require_head: bool = False) -> nn.Module:
     """A value model from ``spec`` (a saved reward/value model, or a causal LM whose body gets
     a fresh head), on the policy's ``tokenizer``; with LoRA (``lora.r > 0``) the body is
-    frozen and gets adapters while the head trains in full; ``adapter_dir`` resumes them."""
-    # GGUF / pkg: policies -> their converted HF directory (tiny specs build in code).
-    spec = spec if _tiny_size(spec) else resolve_spec(spec)
-    model = load_reward_model(spec, trust_remote_code=trust_remote_code, seed=seed)
+    frozen and gets adapters while the head trains in full; ``adapter_dir`` resumes them.
+    ``require_head``: ``spec`` must carry a trained head (see ``load_reward_model``)."""
+    model = load_reward_model(spec, trust_remote_code=trust_remote_code, seed=seed,
+                              require_head=require_head, role="value")
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise ConfigError(

@@ -38,7 +38,7 @@ class RewardModel:
                  precision: str = "fp32", device: str | None = None, name: str = "rm"):
         self.__name__ = name  # as a RewardFn: its metrics are reward/<name>/...
         self.tokenizer = load_tokenizer(str(path))
-        self.model = load_reward_model(str(path))
+        self.model = load_reward_model(str(path), require_head=True)
         enable_packed_attention(self.model)
         self.device = torch.device(device) if device else pick_device()
         self.model.to(self.device).eval().requires_grad_(False)
