@@ -77,7 +77,7 @@ RUNS: dict[str, GoldenRun] = {
     "grpo_gspo": GoldenRun("grpo", (*_GRPO, "importance_sampling=sequence", "beta=0.04",
                                     "num_iterations=2", "precision=fp32")),
     "grpo_rloo": GoldenRun("grpo", (*_GRPO, "advantage=rloo", "batch_size=8")),
-    "grpo_rpp": GoldenRun("grpo", (*_GRPO, "advantage=reinforce_pp", "scale_rewards=batch")),
+    "grpo_rpp": GoldenRun("grpo", (*_GRPO, "advantage=reinforce_pp")),
     "grpo_lora": GoldenRun("grpo", (*_GRPO, "lora.r=4", "lr=1e-2", "beta=0.04",
                                     "prefix_sharing=false")),
     "ppo": GoldenRun("ppo", (*_PPO, "reward_model={needs}", "value_model=reward_model",

@@ -19,7 +19,7 @@ def test_flat_names_set_the_grouped_keys(tmp_path):
     cfg = load_config(GRPOConfig, None, [
         "data=task:arithmetic", "max_new_tokens=16", "temperature=0.7", "stop=[END]",
         "rewards=[numeric,format]", "reward_weights=[1,0.2]", "reward_timeout_s=5",
-        "eval_prompts=7"])
+        "eval_data=task:arithmetic", "eval_prompts=7"])
     assert cfg.sampling.max_new_tokens == 16 and cfg.sampling.temperature == 0.7
     assert cfg.sampling.stop == ["END"]
     assert cfg.reward.functions == ["numeric", "format"] and cfg.reward.weights == [1.0, 0.2]
@@ -28,7 +28,7 @@ def test_flat_names_set_the_grouped_keys(tmp_path):
     same = load_config(GRPOConfig, None, [
         "data=task:arithmetic", "sampling.max_new_tokens=16", "sampling.temperature=0.7",
         "sampling.stop=[END]", "reward.functions=[numeric,format]", "reward.weights=[1,0.2]",
-        "reward.timeout_s=5", "eval.prompts=7"])
+        "reward.timeout_s=5", "eval_data=task:arithmetic", "eval.prompts=7"])
     assert same == cfg
     path = save_config(cfg, tmp_path / "config.yaml")
     assert "max_new_tokens: 16" in path.read_text() and "sampling:" in path.read_text()

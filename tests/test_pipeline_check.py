@@ -353,3 +353,26 @@ def test_the_docs_examples_are_what_the_runner_does(tmp_path: Path,
         load_plan(pipe)
     shown = _doc_block("text", "$ posttrain pipeline run pipe.yaml").splitlines()[1:]
     assert [f"error: {p}" for p in err.value.problems] == shown
+
+
+def test_a_default_without_effect_in_a_stage_is_left_out_there(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        defaults: {eval_steps: 5}
+        stages:
+          plain:
+            <sft>
+          evaluated:
+            <sft>
+            eval_data: task:chat:size=4
+        """)
+    cfg = {s.name: s.config for s in load_plan(path).stages}
+    assert cfg["plain"]["eval_steps"] == 0 and cfg["evaluated"]["eval_steps"] == 5
+    written = write(tmp_path, """
+        stages:
+          sft:
+            <sft>
+            eval_steps: 5  # <-
+        """)
+    with pytest.raises(PipelineError) as err:
+        load_plan(written)
+    assert "eval_steps" in err.value.problems[0]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,16 +26,20 @@ OTHER_COMMANDS = {
     "eval-code": "HumanEval pass@k, every sample run in the sandbox",
     "report": "rebuild a run's or pipeline's report: report.html, report.md, plots/",
     "pipeline": "multi-stage pipelines from one YAML file: pipeline run|check FILE.yaml",
+    "gate": "release gate: check an eval.json against thresholds (exit 1 on a failure)",
+    "serve": "serve a model over an OpenAI-compatible HTTP API (batched, streaming)",
 }
 
 
 def _usage() -> str:
-    lines = ["usage: posttrain <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
+    lines = ["usage: posttrain [--debug] <command> [--config FILE.yaml] [key=value ...]", "",
+             "commands:"]
     for name, cmd in COMMANDS.items():
         lines.append(f"  {name:<11} {cmd.doc}")
     for name, doc in OTHER_COMMANDS.items():
         lines.append(f"  {name:<11} {doc}")
-    lines += ["", "posttrain <command> --help lists every option of a command."]
+    lines += ["", "posttrain <command> --help lists every option of a command.",
+              f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the full traceback of an error."]
     return "\n".join(lines)
 
 
@@ -150,31 +157,96 @@ def _cmd_pipeline(argv: list[str]) -> int:
     return pipeline_main(argv)
 
 
+def _cmd_gate(argv: list[str]) -> int:
+    from posttrain.evals.gate import gate_main
+
+    return gate_main(argv)
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    from posttrain.serve.cli import serve_main
+
+    return serve_main(argv)
+
+
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "demo": _cmd_demo, "init-tiny": _cmd_init_tiny, "chat": _cmd_chat, "tasks": _cmd_tasks,
     "sandbox": _cmd_sandbox, "eval-code": _cmd_eval_code, "report": _cmd_report,
-    "pipeline": _cmd_pipeline,
+    "pipeline": _cmd_pipeline, "gate": _cmd_gate, "serve": _cmd_serve,
 }
+
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "POSTTRAIN_DEBUG"
+# OSErrors a user causes (a wrong path, a full disk) rather than a bug: one line, not a trace.
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``--debug`` (anywhere in argv) or ``POSTTRAIN_DEBUG=1`` asks for tracebacks;
+    argv without the flag."""
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    rest = [a for a in argv if a != DEBUG_FLAG]
+    return env or len(rest) < len(argv), rest
+
+
+def _user_os_error(err: OSError) -> bool:
+    return isinstance(err, USER_OS_ERRORS) or err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _os_error_message(err: OSError) -> str:
+    """``No such file or directory: 'x.jsonl'``, and for a full disk what to do."""
+    what = err.strerror or type(err).__name__
+    where = f": {err.filename!r}" if err.filename is not None else ""
+    if err.filename2 is not None:
+        where += f" -> {err.filename2!r}"
+    text = f"{what}{where}" if err.strerror else str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (free some space, or choose an output_dir on another disk)"
+    return text
+
+
+def _dispatch(name: str, rest: list[str]) -> int | None:
+    if name in COMMANDS:
+        return _run_config_command(name, rest)
+    if name in HANDLERS:
+        return HANDLERS[name](rest)
+    return None
+
+
+def _run(name: str, rest: list[str], debug: bool) -> int | None:
+    """Run one command; a user's mistake prints one ``error:`` line (rc 2), never a trace,
+    unless ``debug``. Any other exception is a bug and propagates with its traceback."""
+    try:
+        return _dispatch(name, rest)
+    except PosttrainError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if debug or not _user_os_error(e):
+            raise
+        print(f"error: {_os_error_message(e)} (run with {DEBUG_FLAG} for the traceback)",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        # Training stops on SIGINT/SIGTERM with a checkpoint and says where (train/run.py).
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug, argv = _debug_requested(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
     _setup_logging()
-    try:
-        if name in COMMANDS:
-            return _run_config_command(name, rest)
-        if name in HANDLERS:
-            return HANDLERS[name](rest)
-    except PosttrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    rc = _run(name, rest, debug)
+    if rc is not None:
+        return rc
     import difflib
 
     close = difflib.get_close_matches(name, [*COMMANDS, *HANDLERS], n=1)

@@ -25,14 +25,16 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from posttrain.config.checks import Needs
 from posttrain.data.batching import move_batch
 from posttrain.data.prompts import PromptCursor, Row
 from posttrain.errors import ConfigError
+from posttrain.evals.config import EVAL_ONLY_WITH
 from posttrain.evals.policy import evaluate_rewards
 from posttrain.losses.advantages import compute_advantages, overlong_penalty, zero_spread_groups
 from posttrain.losses.policy_gradient import aggregation_count, grpo_loss
@@ -52,6 +54,19 @@ from posttrain.train.engine import Engine
 @dataclass
 class GRPOConfig(online.OnlineConfig):
     """Online RL with group-relative advantages: GRPO, DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE++."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "prompts_per_step": ">= 1", "num_generations": ">= 1", "epsilon_low": "[0, 1]",
+        "epsilon_high": ">= 0", "num_iterations": ">= 1", "beta": ">= 0",
+        "max_refill_rounds": ">= 0", "overlong_buffer": ">= 0", "overlong_penalty": ">= 0",
+    }
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        **EVAL_ONLY_WITH,
+        "kl_estimator": Needs("beta", "> 0", "beta = 0 computes no KL"),
+        "scale_rewards": Needs("advantage", ("grpo",), "rloo and reinforce_pp do not scale"),
+        "max_refill_rounds": Needs("dynamic_sampling", (True,)),
+        "overlong_penalty": Needs("overlong_buffer", ">= 1"),
+    }
 
     batch_size: int = field(
         default=64, metadata={"help": "max completions per training micro-batch (whole groups)"})
@@ -87,15 +102,20 @@ class GRPOConfig(online.OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.num_iterations < 1:
-            raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.num_generations < 2 and self.advantage != "reinforce_pp":
-            raise ConfigError("num_generations must be >= 2 for group baselines")
+            raise ConfigError(f"num_generations must be >= 2 with advantage={self.advantage} "
+                              f"(a group baseline), got {self.num_generations}")
+        if self.grad_accum != 1:  # the loop never reads it: say so rather than ignore it
+            raise ConfigError(f"grad_accum={self.grad_accum} has no effect in grpo: one step "
+                              "trains on all its micro-batches (batch_size completions each); "
+                              "leave grad_accum at 1")
         if not self.reward.count:
             raise ConfigError("grpo needs a reward: set reward.functions=[...] (rewards) and/or "
                               "reward.model=DIR (reward_model)")
-        if self.epsilon_low < 0 or self.epsilon_high < 0 or self.beta < 0:
-            raise ConfigError("epsilon_low, epsilon_high and beta must be >= 0")
+        # The ramp of the soft penalty must fit inside the completion budget.
+        if self.overlong_buffer >= self.sampling.max_new_tokens:
+            raise ConfigError(f"overlong_buffer={self.overlong_buffer} must be < "
+                              f"sampling.max_new_tokens={self.sampling.max_new_tokens}")
 
 
 @dataclass

@@ -27,14 +27,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from posttrain.config.checks import Needs
 from posttrain.data.batching import move_batch
 from posttrain.data.prompts import PromptCursor, Row
 from posttrain.errors import ConfigError
+from posttrain.evals.config import EVAL_ONLY_WITH
 from posttrain.evals.policy import evaluate_policy
 from posttrain.losses.ppo import (
     adaptive_kl_beta,
@@ -63,6 +65,20 @@ VALUE = "value"  # the value model's name in the engine, and its folder in model
 @dataclass
 class PPOConfig(online.OnlineConfig):
     """Classic RLHF: PPO with a value model, GAE and a KL penalty to the reference."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "prompts_per_step": ">= 1", "num_generations": ">= 1", "mini_batch_size": ">= 1",
+        "ppo_epochs": ">= 1", "missing_eos_penalty": ">= 0", "value_lr": "> 0",
+        "beta": ">= 0", "kl_target": "> 0", "kl_horizon": "> 0", "gamma": "[0, 1]",
+        "lam": "[0, 1]", "epsilon": "(0, 1)", "dual_clip": "> 1", "value_clip": "> 0",
+        "entropy_coef": ">= 0",
+    }
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        **EVAL_ONLY_WITH,
+        # The controller scales beta, so from beta = 0 it never moves.
+        "kl_target": Needs("beta", "> 0", "the adaptive controller scales beta"),
+        "kl_horizon": Needs("kl_target", None, "it sets the adaptive controller's speed"),
+    }
 
     num_generations: int = field(default=1, metadata={"help": "completions per prompt"})
     mini_batch_size: int = field(
@@ -118,32 +134,13 @@ class PPOConfig(online.OnlineConfig):
         if self.value_model == "reward_model" and self.reward.model is None:
             raise ConfigError("value_model=reward_model needs reward_model=DIR; or set "
                               "value_model=policy")
-        for name in ("mini_batch_size", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grad_accum != 1:
-            raise ConfigError("ppo accumulates micro-batches of batch_size up to "
-                              "mini_batch_size; leave grad_accum at 1")
+            raise ConfigError(f"grad_accum={self.grad_accum} has no effect in ppo: it "
+                              "accumulates micro-batches of batch_size up to mini_batch_size; "
+                              "leave grad_accum at 1")
         if self.rollout_size % self.mini_batch_size:
             raise ConfigError(f"mini_batch_size={self.mini_batch_size} must divide "
                               f"prompts_per_step * num_generations = {self.rollout_size}")
-        self._validate_coefficients()
-
-    def _validate_coefficients(self) -> None:
-        checks = [
-            ("beta", self.beta >= 0), ("value_lr", self.value_lr > 0),
-            ("epsilon", self.epsilon > 0), ("entropy_coef", self.entropy_coef >= 0),
-            ("missing_eos_penalty", self.missing_eos_penalty >= 0),
-            ("gamma", 0 <= self.gamma <= 1), ("lam", 0 <= self.lam <= 1),
-            ("kl_horizon", self.kl_horizon > 0),
-            ("kl_target", self.kl_target is None or self.kl_target > 0),
-            ("dual_clip", self.dual_clip is None or self.dual_clip > 1),
-            ("value_clip", self.value_clip is None or self.value_clip > 0),
-        ]
-        for name, ok in checks:
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)} is out of range (see "
-                                  f"posttrain ppo --help)")
 
 
 class KLController:
@@ -342,7 +339,7 @@ def load_value(cfg: PPOConfig, tokenizer: Any, resume_from: Path | None,
     ``value_model`` + the saved adapter), else from ``value_model``."""
     saved = resume_from / "model" / VALUE if resume_from is not None else None
     if saved is not None and value_adapter_dir(saved) is None:
-        return load_value_model(str(saved), tokenizer).to(device)
+        return load_value_model(str(saved), tokenizer, require_head=True).to(device)
     spec = {"reward_model": str(cfg.reward.model), "policy": cfg.model}.get(cfg.value_model,
                                                                           cfg.value_model)
     model = load_value_model(spec, tokenizer, lora=cfg.lora, adapter_dir=saved,

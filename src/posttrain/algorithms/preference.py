@@ -20,11 +20,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from posttrain.config.checks import Needs
 from posttrain.data.batching import BatchStream, move_batch, pack
 from posttrain.data.pairs import Pair, PairSet, encode_pairs, encode_unpaired
 from posttrain.errors import ConfigError, DataError
@@ -54,11 +55,28 @@ LENGTH_NORMALISED = ("ipo", "orpo", "simpo")
 # beta when left unset: DPO/IPO/hinge/KTO 0.1 (TRL's default); SimPO 2.0 (paper); ORPO's
 # lambda 0.1 (paper).
 DEFAULT_BETA = {"simpo": 2.0}
+WITH_REFERENCE = tuple(x for x in LOSSES if x not in REFERENCE_FREE)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
     """Offline preference optimisation: DPO, robust/cDPO, IPO, hinge, KTO, ORPO, SimPO."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "beta": "> 0", "label_smoothing": "[0, 0.5)", "simpo_gamma": ">= 0",
+        "desirable_weight": ">= 0", "undesirable_weight": ">= 0", "nll_weight": ">= 0",
+    }
+    # Each loss reads only its own keys (pair_loss, make_step); any other is silently unused.
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        "label_smoothing": Needs("loss", ("dpo", "robust")),
+        "simpo_gamma": Needs("loss", ("simpo",)),
+        "desirable_weight": Needs("loss", ("kto",)),
+        "undesirable_weight": Needs("loss", ("kto",)),
+        "nll_weight": Needs("loss", tuple(x for x in LOSSES if x != "kto"),
+                            "KTO rows are unpaired: there is no chosen response"),
+        "ref_model": Needs("loss", WITH_REFERENCE, "orpo and simpo use no reference"),
+        "precompute_ref": Needs("loss", WITH_REFERENCE, "orpo and simpo use no reference"),
+    }
 
     loss: Literal["dpo", "robust", "ipo", "hinge", "kto", "orpo", "simpo"] = field(
         default="dpo", metadata={"help": "dpo | robust | ipo | hinge | kto | orpo | simpo"})
@@ -88,12 +106,9 @@ class DPOConfig(TrainConfig):
         if self.data is None:
             raise ConfigError(f"config key 'data' is required for {self.loss} "
                               "(preference rows: prompt, chosen, rejected)")
-        if self.beta is not None and not self.beta > 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss in REFERENCE_FREE and self.ref_model:
-            log.warning("loss=%s is reference-free: ref_model is ignored", self.loss)
+        if self.loss == "kto" and not (self.desirable_weight or self.undesirable_weight):
+            raise ConfigError("desirable_weight and undesirable_weight are both 0: the KTO loss "
+                              "would be 0 and nothing would be learned")
 
     @property
     def beta_value(self) -> float:

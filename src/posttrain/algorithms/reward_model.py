@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +33,8 @@ from posttrain.train.run import prepare_run
 class RMConfig(TrainConfig):
     """Reward model: a scalar head on the LM trained with the Bradley-Terry loss on pairs."""
 
+    RANGES: ClassVar[dict[str, str]] = {"center_weight": ">= 0"}
+
     center_weight: float = field(default=0.0, metadata={
         "help": "reward-centring penalty c * (r_w + r_l)^2 (Eisenstein et al. 2023); 0 = off"})
     use_margin: bool = field(default=True, metadata={
@@ -44,8 +46,6 @@ class RMConfig(TrainConfig):
         if self.data is None:
             raise ConfigError("config key 'data' is required for rm "
                               "(preference rows: prompt, chosen, rejected)")
-        if self.center_weight < 0:
-            raise ConfigError(f"center_weight must be >= 0, got {self.center_weight}")
 
 
 def load_rm_policy(cfg: RMConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:

@@ -12,12 +12,13 @@ import dataclasses
 import difflib
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from posttrain.config.checks import check_ranges, check_unused
 from posttrain.config.schema import (
     aliases,
     config_fields,
@@ -373,13 +374,29 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
 
 
 def validate_config(cfg: Any) -> None:
-    """Run ``validate()`` on every nested config first, then on ``cfg`` itself."""
+    """Check every config in ``cfg``, nested groups first: its declared ``RANGES`` and its
+    own ``validate()``; then, all values valid, the ``ONLY_WITH`` of each (``config/checks.py``:
+    an option given where it has no effect is the mildest mistake, so it is reported last)."""
+    groups = list(_groups(cfg, type(cfg)(), ""))
+    for sub, _, prefix in groups:
+        check_ranges(sub, prefix)
+        check = getattr(sub, "validate", None)
+        if callable(check):
+            check()
+    for sub, default, prefix in groups:
+        check_unused(sub, default, prefix)
+
+
+def _groups(cfg: Any, default: Any, prefix: str) -> Iterator[tuple[Any, Any, str]]:
+    """(config, its defaults, dotted prefix) for every config in ``cfg``, nested first.
+
+    A group's defaults are its parent's default value for it, so the group defaults a class
+    sets itself (``PPOConfig``'s ``sampling``) count as defaults."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            validate_config(value)
-    check = getattr(cfg, "validate", None)
-    if callable(check):
-        check()
-
-
+            sub_default = getattr(default, f.name, None)
+            if type(sub_default) is not type(value):  # an optional group, null by default
+                sub_default = type(value)()
+            yield from _groups(value, sub_default, f"{prefix}{f.name}.")
+    yield cfg, default, prefix

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import secrets
 import sys
 import time
@@ -24,29 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import DataError, PosttrainError
+from posttrain.evals.stats import pass_at_k
 from posttrain.rewards.code import driver, parse_reports
 from posttrain.sandbox import SandboxConfig, SandboxResult, run_many
 from posttrain.sandbox.config import ISOLATIONS
 
 Samples = Mapping[str, Sequence[str]]
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on Code",
-    eq. 1) for one task with ``n`` samples of which ``c`` are correct:
-
-        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
-
-    The product form never builds the (huge) binomials. pass@k is 1 when n - c < k: every
-    draw of k samples then contains a correct one.
-    """
-    if not 0 <= c <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 1 <= k <= n, got n={n}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def load_problems() -> dict[str, dict[str, Any]]:
@@ -77,6 +60,9 @@ def load_samples(path: str | Path) -> dict[str, list[str]]:
             if not isinstance(row, dict) or not isinstance(row.get(key), str):
                 raise DataError(f"{path}:{no}: field '{key}' must be a string")
         out.setdefault(row["task_id"], []).append(row["completion"])
+    if not out:
+        raise DataError(f"{path}: no samples (expected JSONL rows "
+                        '{"task_id": ..., "completion": ...})')
     return out
 
 
@@ -108,6 +94,8 @@ def evaluate_humaneval(samples: Samples | str | Path, *, ks: Sequence[int] = (1,
     if unknown:
         raise DataError(f"unknown HumanEval task_id(s): {unknown[:5]}")
     flat = [(tid, c) for tid, comps in samples.items() for c in comps]
+    if not flat:  # pass@k of nothing would print as an empty, successful result
+        raise DataError("no samples to evaluate")
     built = [humaneval_harness(problems[tid], c) for tid, c in flat]
     cfg = config or SandboxConfig(timeout_s=10.0)
     results = run_many([p for p, _ in built], workers=workers, config=cfg)
@@ -180,28 +168,56 @@ def _print_table(summary: dict[str, Any], seconds: float) -> None:
     print("  status: " + ", ".join(f"{s} {n}" for s, n in sorted(summary["status"].items())))
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse a ``--results`` path that cannot be written (a directory, a missing or
+    read-only parent), naming it."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if path.is_dir():
+        problem = "is a directory"
+    elif not parent.is_dir():
+        problem = f"cannot be created ('{parent}' is a file)"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = "is not writable"
+    elif not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        problem = f"cannot be created ('{parent}' is not writable)"
+    else:
+        return
+    raise PosttrainError(f"--results {path} {problem}; choose another path")
+
+
+def _write_results(path: Path, results: list[dict[str, Any]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in results))
+    except OSError as e:
+        raise PosttrainError(f"--results {path}: cannot write ({e.strerror})") from None
+
+
 def eval_code_main(argv: list[str]) -> int:
     """``posttrain eval-code``. Exit 0 when the evaluation ran (with ``--canonical``: only
     when every canonical solution passed, which makes it a sandbox self-check)."""
     a = _parser().parse_args(argv)
     ks = _parse_ks(a.k)
+    if a.results:  # before the evaluation, which may take an hour, not after it
+        _check_writable(Path(a.results))
+    samples: Samples = {} if a.canonical else load_samples(a.samples)
     problems = load_problems()
     if a.canonical:
-        samples: Samples = {t: [p["canonical_solution"]] for t, p in problems.items()}
-    else:
-        samples = load_samples(a.samples)
+        samples = {t: [p["canonical_solution"]] for t, p in problems.items()}
     if a.limit is not None:
         samples = dict(list(samples.items())[: a.limit])
     cfg = SandboxConfig(timeout_s=a.timeout, memory_mb=a.memory, isolation=a.isolation)
     t0 = time.monotonic()
     summary = evaluate_humaneval(samples, ks=ks, workers=a.workers, config=cfg,
                                  problems=problems)
-    if a.results:
-        Path(a.results).write_text("".join(json.dumps(r) + "\n" for r in summary["results"]))
     if a.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
     else:
         _print_table(summary, time.monotonic() - t0)
+    if a.results:  # after printing: a failed write does not lose the summary
+        _write_results(Path(a.results), summary["results"])
     if a.canonical:
         return 0 if all(r["passed"] for r in summary["results"]) else 1
     return 0

@@ -21,8 +21,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from posttrain.config.checks import Needs
 from posttrain.errors import ConfigError
 
 log = logging.getLogger("posttrain")
@@ -35,6 +36,13 @@ SAMPLES_FILE = "samples.jsonl"
 @dataclass
 class EvalRunConfig:
     """Held-out evaluation of one model: built-in checks (arithmetic, safety, reward, pairs)."""
+
+    RANGES: ClassVar[dict[str, str]] = {"prompts": ">= 1", "max_new_tokens": ">= 1",
+                                        "max_operand": ">= 1"}
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        "reward_model": Needs("checks", ("reward", "pairs")),
+        "reference": Needs("checks", ("reward",), "the reward check's KL is measured to it"),
+    }
 
     model: str = field(default="tiny", metadata={"help": "the model to evaluate"})
     output_dir: str = field(default="runs/eval", metadata={"help": "eval.json, samples.jsonl"})
@@ -61,9 +69,6 @@ class EvalRunConfig:
         if "reward" in self.checks and not self.reference:
             raise ConfigError("the reward check needs reference=MODEL (its KL is measured "
                               "to it)")
-        for name in ("prompts", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 Result = tuple[dict[str, float], list[dict[str, Any]]]
@@ -117,7 +122,7 @@ def _pairs(cfg: EvalRunConfig) -> Result:
     from posttrain.models.reward import load_reward_model, score_pairs
 
     path = str(cfg.reward_model)
-    model, tok = load_reward_model(path), load_tokenizer(path)
+    model, tok = load_reward_model(path, require_head=True), load_tokenizer(path)
     enable_packed_attention(model)  # score_pairs packs rows
     held = encode_pairs(f"task:safety_pairs:size={cfg.prompts},max_operand={cfg.max_operand}",
                         tok, max_length=512, split="test")

@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from posttrain.config.checks import require_at_least, require_positive
+from posttrain.config.checks import Needs
 from posttrain.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,6 +36,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 @dataclass
 class LoraConfig:
     """Low-rank adapters; ``r: 0`` trains the full model instead."""
+
+    RANGES: ClassVar[dict[str, str]] = {"r": ">= 0", "alpha": "> 0", "dropout": "[0, 1)"}
+    # Without r every other key is ignored and the run silently fine-tunes the full model.
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        key: Needs("r", ">= 1", "LoRA is off; set lora.r to turn it on")
+        for key in ("alpha", "dropout", "target_modules", "merge")
+    }
 
     r: int = field(default=0, metadata={"help": "LoRA rank; 0 = LoRA off (full fine-tuning)"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (scale = alpha/r)"})
@@ -49,10 +56,6 @@ class LoraConfig:
     )
 
     def validate(self) -> None:
-        require_at_least(self, "r", 0, prefix="lora.")
-        require_positive(self, "alpha", prefix="lora.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.r > 0 and not self.target_modules:
             raise ConfigError("lora.target_modules is empty but lora.r > 0 asks for LoRA")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import __version__
+from posttrain.config.checks import UnusedOptionError
 from posttrain.config.loader import config_from_dict
 from posttrain.config.schema import aliases, config_fields
 from posttrain.config.serialize import config_to_dict
@@ -191,7 +192,7 @@ def _config(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str,
     values = substitute(values, lambda ref, _: str(paths_of.get(f"{ref.stage}.{ref.attr}",
                                                                  ref.text())))
     try:
-        cfg = config_from_dict(cls, {**values, **_owned(cls, run_dir)})
+        cfg = _from_values(cls, values, paths, _owned(cls, run_dir))
     except ConfigError as err:
         key, text = _blame(str(err), paths, cls)
         where = spec.source.where(paths.get(key, s.path) if key else s.path)
@@ -203,6 +204,32 @@ def _config(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str,
                          stage=s.base, key=key)
             return None
     return config_to_dict(cfg)
+
+
+def _from_values(cls: type, values: dict[str, Any], paths: dict[str, str],
+                 owned: dict[str, Any]) -> Any:
+    """The config from ``values``, leaving out a ``defaults`` key that has no effect in this
+    stage (an ``eval_steps`` default does nothing for a stage without ``eval_data``); the same
+    key written in the stage itself stays an error."""
+    while True:
+        try:
+            return config_from_dict(cls, {**values, **owned})
+        except UnusedOptionError as err:
+            key = _default_key(err.key, values, paths, cls)
+            if key is None:
+                raise
+            values = {k: v for k, v in values.items() if k != key}
+
+
+def _default_key(dotted: str, values: dict[str, Any], paths: dict[str, str],
+                 cls: type) -> str | None:
+    """The key of ``values`` that sets option ``dotted`` when it comes from ``defaults``."""
+    flat = {v: k for k, v in aliases(cls).items()}
+    for key in values:
+        sets = key == dotted or dotted.startswith(f"{key}.") or key == flat.get(dotted)
+        if sets and paths.get(key, "").startswith("defaults."):
+            return key
+    return None
 
 
 def _file_digests(value: Any) -> dict[str, str]:

@@ -214,6 +214,8 @@ class CodeReward:
     fails at start-up rather than at its first reward.
     """
 
+    required_columns = ("tests",)  # its ``tests`` keyword has a default (None)
+
     def __init__(self, mode: Mode = "fraction", *, config: SandboxConfig | None = None,
                  workers: int | None = None, prepend_prompt: bool = False,
                  **sandbox: Any) -> None:

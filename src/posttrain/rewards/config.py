@@ -3,7 +3,9 @@ reward functions (DESIGN.md §2)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from posttrain.errors import ConfigError
 
@@ -11,6 +13,8 @@ from posttrain.errors import ConfigError
 @dataclass
 class RewardConfig:
     """The reward: a reward model's score and/or reward functions, weighted and summed."""
+
+    RANGES: ClassVar[dict[str, str]] = {"timeout_s": ">= 0", "on_error": "finite"}
 
     model: str | None = field(
         default=None, metadata={"help": "reward model dir (posttrain rm's final/); its score "
@@ -33,5 +37,9 @@ class RewardConfig:
         if self.weights and len(self.weights) != self.count:
             raise ConfigError(f"{self.count} rewards (reward.model counts as the first) but "
                               f"{len(self.weights)} reward.weights")
-        if not self.timeout_s >= 0:
-            raise ConfigError(f"reward.timeout_s must be >= 0 (0 = none), got {self.timeout_s}")
+        # Negative weights are fine (a penalty); NaN or all zeros make the reward meaningless.
+        if any(not math.isfinite(w) for w in self.weights):
+            raise ConfigError(f"reward.weights must be finite numbers, got {self.weights}")
+        if self.weights and not any(self.weights):
+            raise ConfigError(f"reward.weights are all 0, got {self.weights}: the reward would "
+                              "be constant and nothing would be learned")

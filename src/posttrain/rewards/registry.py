@@ -12,6 +12,9 @@
 | `code_all`  | 1 if every unit test passes, in the sandbox              | `tests`             |
 | `pkg.mod:fn`| any importable RewardFn                                  | (its own)           |
 
+``check_reward_columns`` compares the columns each selected reward needs
+(``required_columns``) with the data before the first rollout.
+
 ``auto`` picks from the data: ``task:countdown`` -> countdown, ``rg:`` -> rg, rows with
 ``tests`` -> code, with ``rg_entry`` -> rg, with ``answer`` -> numeric for ``task:arithmetic``
 and math otherwise.
@@ -20,10 +23,11 @@ and math otherwise.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.verifiers import (
@@ -106,3 +110,36 @@ def build_reward_set(cfg: RewardConfig, data_spec: str, rows: Sequence[Mapping[s
     fns += [build_reward(n) for n in names]
     return RewardSet(fns, cfg.weights or None, timeout_s=cfg.timeout_s or None,
                      on_error=cfg.on_error)
+
+
+def required_columns(fn: Any) -> tuple[str, ...]:
+    """The dataset columns reward ``fn`` cannot score without: the ``required_columns`` it
+    declares, a VerifierReward's truth column(s), else the parameters of its call after
+    ``(prompts, completions)`` that have no default (columns arrive as keywords)."""
+    declared = getattr(fn, "required_columns", None)
+    if declared is not None:
+        return tuple(declared)
+    if isinstance(fn, VerifierReward):
+        column = fn.column
+        return () if column is None else (column,) if isinstance(column, str) else column
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params if p.kind in kinds and p.default is p.empty)
+
+
+def check_reward_columns(rewards: RewardSet, rows: Sequence[Mapping[str, Any]],
+                         data_spec: str) -> None:
+    """Refuse, before any rollout, data that lacks a column a reward needs: every call would
+    raise, be scored ``on_error``, and the run would learn nothing while exiting 0."""
+    columns = sorted({k for r in rows for k in r if k not in ("prompt", "_ids")})
+    filled = {k for r in rows for k, v in r.items() if v is not None}
+    for fn, name in zip(rewards.fns, rewards.names, strict=True):
+        for col in required_columns(fn):
+            if col in filled:
+                continue
+            what = ("is empty in every row of" if col in columns else "is not a column of")
+            raise DataError(f"reward '{name}' needs column '{col}', which {what} {data_spec} "
+                            f"(its columns: {columns or 'none besides prompt'})")

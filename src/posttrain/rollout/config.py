@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from posttrain.errors import ConfigError
 from posttrain.rollout.protocol import SamplingParams
 
 
@@ -12,22 +12,17 @@ from posttrain.rollout.protocol import SamplingParams
 class SamplingConfig:
     """Rollout sampling (the KV-cache engine's ``SamplingParams``)."""
 
+    # Greedy (temperature 0) rollouts would make every group's completions identical.
+    RANGES: ClassVar[dict[str, str]] = {
+        "max_new_tokens": ">= 1", "temperature": "> 0", "top_p": "(0, 1]", "top_k": ">= 0",
+    }
+
     max_new_tokens: int = field(default=128, metadata={"help": "completion token budget"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1 = off"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off"})
     stop: list[str] = field(default_factory=list,
                             metadata={"help": "extra stop strings (EOS/end-of-turn always stop)"})
-
-    def validate(self) -> None:
-        if not self.max_new_tokens >= 1:
-            raise ConfigError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ConfigError("sampling.temperature must be > 0 for training rollouts")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
 
     def params(self, seed: int | None) -> SamplingParams:
         """Training rollouts' sampling; ``seed`` makes them reproducible."""

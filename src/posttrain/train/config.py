@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from posttrain.config.checks import require_at_least, require_positive
+from posttrain.config.checks import Needs
 from posttrain.errors import ConfigError
 from posttrain.models.lora import LoraConfig
 
@@ -15,6 +15,19 @@ REPORTERS = ("jsonl", "tensorboard", "wandb")
 @dataclass
 class TrainConfig:
     """Options shared by every training command."""
+
+    # Checked where the config is parsed (config/checks.py); cross-field rules: validate().
+    RANGES: ClassVar[dict[str, str]] = {
+        "epochs": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
+        "warmup_steps": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)", "max_grad_norm": ">= 0", "max_length": ">= 2",
+        "save_steps": ">= 0", "save_total_limit": ">= 0", "eval_steps": ">= 0",
+        "logging_steps": ">= 1", "max_bad_steps": ">= 1",
+    }
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        "epochs": Needs("max_steps", (-1,), "max_steps > 0 sets the run's length"),
+        "eval_steps": Needs("eval_data", None, "evaluation runs on eval_data"),
+    }
 
     model: str = field(
         default="tiny",
@@ -89,17 +102,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps", "max_bad_steps"):
-            require_at_least(self, name, 1)
-        for name in ("warmup_steps", "save_steps", "save_total_limit", "eval_steps"):
-            require_at_least(self, name, 0)
-        for name in ("weight_decay", "max_grad_norm"):
-            require_at_least(self, name, 0.0)
-        require_at_least(self, "max_length", 2)
-        require_positive(self, "lr")
-        require_positive(self, "epochs")
         self._validate_steps()
-        self._validate_betas()
         self._validate_report_to()
 
     def _validate_steps(self) -> None:
@@ -112,12 +115,6 @@ class TrainConfig:
             raise ConfigError(
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
             )
-
-    def _validate_betas(self) -> None:
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
     def _validate_report_to(self) -> None:
         for name in self.report_to:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from posttrain.config.serialize import config_to_dict, save_config
 from posttrain.errors import TrainingError
 from posttrain.models.compile import compile_decoder_layers
 from posttrain.models.device import autocast_context
-from posttrain.models.lora import save_pretrained_for_run
+from posttrain.models.lora import has_lora, save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
 from posttrain.train.allocator import use_warm_host_memory
@@ -161,6 +162,7 @@ class Engine:
         # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
         self.train_model = ddp.wrap_ddp(model, self.dist)
         if self.dist.is_main:
+            ckpt.clean_stale_temporaries(run_dir)  # a killed save's leftovers may fill the disk
             save_config(cfg, run_dir / "config.yaml")
         sinks = list(cfg.report_to) if self.dist.is_main else []
         self.metrics = MetricsLogger(run_dir, sinks, config=config_to_dict(cfg),
@@ -316,19 +318,62 @@ class Engine:
             save_pretrained_for_run(opt.model, self.tokenizer, path / name, merge=merge)
 
     def save_final(self) -> Path:
+        """The final model, written to a temporary directory and renamed to ``final/``; a
+        failed write (a full disk) says what survives (see ``checkpoint.removed_on_failure``)."""
         self._assert_finite()
         final = self.run_dir / "final"
         if not self.dist.is_main:
             ddp.barrier(self.dist)
             return final
-        tmp = self.run_dir / ".tmp-final"
+        tmp = self.run_dir / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self._save_models(tmp, final=True)
+        with ckpt.removed_on_failure(tmp, f"final/ in {self.run_dir}", self._final_lost):
+            self._save_models(tmp, final=True)
+            ckpt.fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         ddp.barrier(self.dist)
         return final
 
+    def _final_lost(self) -> str:
+        """What survives a failed final/ write: the last checkpoint, or nothing."""
+        found = ckpt.list_checkpoints(self.run_dir)
+        if found:
+            return (f"the last checkpoint {found[-1][1].name} is intact; free space, then "
+                    "resume=true finishes the run from it")
+        need = ckpt.format_bytes(self.save_bytes()[1])
+        return (f"no checkpoint was saved with save_steps={self.cfg.save_steps}, so the "
+                f"{self.step} trained steps are lost; final/ needs about {need}: free space "
+                "and rerun")
+
+    def save_bytes(self) -> tuple[int, int]:
+        """Estimated bytes of (a checkpoint, final/): the weights each writes (under LoRA a
+        checkpoint holds only the adapter, final/ too unless merged) plus, in a checkpoint,
+        AdamW's two moments per trainable parameter."""
+        merge = self.cfg.lora.merge
+        opts = [self.policy, *self.others.values()]
+        weights = [_param_bytes(o.model, trainable_only=has_lora(o.model)) for o in opts]
+        final = [_param_bytes(o.model, trainable_only=has_lora(o.model) and not merge)
+                 for o in opts]
+        moments = sum(2 * _param_bytes(o.model, trainable_only=True) for o in opts)
+        return sum(weights) + moments, sum(final)
+
+    def check_free_space(self) -> None:
+        """Warn at the start when the first save will not fit on the run's filesystem."""
+        if not self.dist.is_main:
+            return
+        checkpoint, final = self.save_bytes()
+        if self.cfg.save_steps and checkpoint >= final:
+            ckpt.warn_if_no_room(self.run_dir, checkpoint, "a checkpoint (weights + optimizer "
+                                 "state)")
+        else:
+            ckpt.warn_if_no_room(self.run_dir, final, "final/")
+
     def close(self) -> None:
         self.progress.close()
         self.metrics.close()
+
+
+def _param_bytes(model: nn.Module, trainable_only: bool) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()
+               if p.requires_grad or not trainable_only)

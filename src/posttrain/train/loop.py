@@ -11,6 +11,7 @@ from typing import Any
 
 from posttrain.data.batching import BatchStream
 from posttrain.train.engine import CountFn, Engine, LossFn
+from posttrain.train.run import StopOnSignal
 
 
 def total_steps(max_steps: int, epochs: float, batches_per_epoch: int, grad_accum: int) -> int:
@@ -34,18 +35,23 @@ def fit(
     """
     cfg = engine.cfg
     last_eval: dict[str, float] = {}
-    while engine.step < engine.total_steps:
-        micro = [stream.next() for _ in range(cfg.grad_accum)]
-        metrics = engine.update(micro, loss_fn, count_fn)
-        metrics["train/epoch"] = stream.epoch + stream.pos / len(stream.examples)
-        done = engine.step == engine.total_steps
-        if eval_fn is not None and (done or (cfg.eval_steps and engine.step % cfg.eval_steps == 0)):
-            last_eval = eval_fn()
-            metrics.update(last_eval)
-        if done or engine.step % max(cfg.logging_steps, 1) == 0 or "train/nonfinite" in metrics:
-            engine.log(metrics)
-        if cfg.save_steps and engine.step % cfg.save_steps == 0 and not done:
-            engine.save(stream.state())
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM: checkpoint at the step's end, then stop
+        while engine.step < engine.total_steps:
+            micro = [stream.next() for _ in range(cfg.grad_accum)]
+            metrics = engine.update(micro, loss_fn, count_fn)
+            metrics["train/epoch"] = stream.epoch + stream.pos / len(stream.examples)
+            done = engine.step == engine.total_steps
+            if eval_fn is not None and (done or (cfg.eval_steps and
+                                                 engine.step % cfg.eval_steps == 0)):
+                last_eval = eval_fn()
+                metrics.update(last_eval)
+            if done or engine.step % max(cfg.logging_steps, 1) == 0 or \
+                    "train/nonfinite" in metrics:
+                engine.log(metrics)
+            if cfg.save_steps and engine.step % cfg.save_steps == 0 and not done:
+                engine.save(stream.state())
+            if not done:
+                stop.after_step(engine, lambda: engine.save(stream.state()))
     return last_eval
 
 
@@ -69,6 +75,7 @@ def train_offline(
     engine = Engine(cfg, model, tokenizer, run_dir, steps)
     if resume_from is not None:
         stream.load_state(engine.restore(resume_from)["cursor"])
+    engine.check_free_space()
     engine.log(first_metrics or {})
     try:
         fit(engine, stream, loss_fn, count_fn, eval_fn)

@@ -27,14 +27,14 @@ from posttrain.evals.config import EvalConfig
 from posttrain.models.prefix import enable_prefix_attention
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.config import RewardConfig
-from posttrain.rewards.registry import build_reward_set
+from posttrain.rewards.registry import build_reward_set, check_reward_columns
 from posttrain.rollout import KVCacheGenerator, default_stop_ids
 from posttrain.rollout.config import SamplingConfig
 from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
 from posttrain.train.engine import Engine
 from posttrain.train.loop import total_steps
-from posttrain.train.run import load_policy, prepare_run
+from posttrain.train.run import StopOnSignal, load_policy, prepare_run
 
 log = logging.getLogger("posttrain")
 
@@ -126,19 +126,24 @@ def start_online(cfg: OnlineConfig) -> OnlineRun:
     if ddp.current().enabled:  # every rank would draw the same prompts: no speed-up, no error
         raise ConfigError("online RL (grpo, ppo) runs in one process: no torchrun data "
                           "parallelism yet")
+    # Rows and rewards before the policy: a reward the data cannot feed fails in seconds.
+    raw = load_prompt_rows(cfg.data, "train", cfg.on_bad_row)
+    raw_held = load_prompt_rows(cfg.eval_data, "test", cfg.on_bad_row) if cfg.eval_data else None
+    rewards = build_reward_set(cfg.reward, cfg.data, raw, max_length=cfg.max_length,
+                               precision=cfg.precision)
+    check_reward_columns(rewards, raw, cfg.data)
+    if raw_held is not None:
+        check_reward_columns(rewards, raw_held, cfg.eval_data)
     model, tokenizer = load_policy(cfg, resume_from)
     if cfg.prefix_sharing and not enable_prefix_attention(model):
         log.info("attention implementation cannot share prefixes; packing padding-free")
         cfg = dataclasses.replace(cfg, prefix_sharing=False)
     max_prompt = cfg.max_length - cfg.sampling.max_new_tokens
-    rows = encode_prompts(load_prompt_rows(cfg.data, "train", cfg.on_bad_row), tokenizer,
-                          max_prompt, cfg.data)
+    rows = encode_prompts(raw, tokenizer, max_prompt, cfg.data)
     held_out = None
-    if cfg.eval_data:
-        held_out = encode_prompts(load_prompt_rows(cfg.eval_data, "test", cfg.on_bad_row),
-                                  tokenizer, max_prompt, cfg.eval_data)[: cfg.eval.prompts]
-    rewards = build_reward_set(cfg.reward, cfg.data, rows, max_length=cfg.max_length,
-                               precision=cfg.precision)
+    if raw_held is not None:
+        held_out = encode_prompts(raw_held, tokenizer, max_prompt, cfg.eval_data)[
+            : cfg.eval.prompts]
     return OnlineRun(cfg, run_dir, resume_from, model, tokenizer, rows, held_out, rewards)
 
 
@@ -151,18 +156,22 @@ def run_online(engine: Engine, recipe: OnlineRecipe, cursor: PromptCursor,
         state = engine.restore(resume_from)
         cursor.load_state(state["cursor"])
         recipe.load_state(state["extra"])
+    engine.check_free_space()
     engine.log({"data/rows": len(cursor.rows), "data/held_out_rows": len(held_out or [])})
     every = lambda k: k and (engine.step // recipe.updates_per_step) % k == 0  # noqa: E731
     try:
-        while engine.step < engine.total_steps:
-            metrics = recipe.step()
-            done = engine.step >= engine.total_steps
-            if held_out and (done or every(cfg.eval_steps)):
-                metrics.update(recipe.evaluate(held_out))
-            if done or every(max(cfg.logging_steps, 1)):
-                engine.log(metrics)
-            if every(cfg.save_steps) and not done:
-                engine.save(cursor.state(), recipe.state())
+        with StopOnSignal() as stop:  # SIGINT/SIGTERM: checkpoint at the step's end, then stop
+            while engine.step < engine.total_steps:
+                metrics = recipe.step()
+                done = engine.step >= engine.total_steps
+                if held_out and (done or every(cfg.eval_steps)):
+                    metrics.update(recipe.evaluate(held_out))
+                if done or every(max(cfg.logging_steps, 1)):
+                    engine.log(metrics)
+                if every(cfg.save_steps) and not done:
+                    engine.save(cursor.state(), recipe.state())
+                if not done:
+                    stop.after_step(engine, lambda: engine.save(cursor.state(), recipe.state()))
         return engine.save_final()
     finally:
         engine.close()

@@ -1,11 +1,16 @@
-"""Run set-up shared by recipes: the run directory, resume, and loading the policy."""
+"""Run set-up shared by recipes: the run directory, resume, loading the policy, and stopping
+on SIGINT/SIGTERM with a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from posttrain.errors import PosttrainError
@@ -17,7 +22,7 @@ from posttrain.report.instruments import INSTRUMENTS
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
-from posttrain.train.engine import seed_everything
+from posttrain.train.engine import Engine, seed_everything
 
 log = logging.getLogger("posttrain")
 
@@ -51,6 +56,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, a run that would replace a finished run's ``final/`` or mix
     with an unfinished run's checkpoints; ``overwrite=true`` allows both."""
+    ckpt.check_output_dir(run_dir)
     if overwrite:
         return
     if (run_dir / "final").exists():
@@ -103,3 +109,77 @@ def load_policy(cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
     enable_packed_attention(model)
     model = apply_lora(model, cfg.lora, adapter_dir=adapter)  # unchanged when lora.r == 0
     return model.to(pick_device()), tokenizer
+
+
+# ---- stopping on a signal ------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on a signal; ``signum`` gives the exit status (128 + signum)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message, signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's preemption) during training:
+    finish the current step, save a checkpoint, say so, and raise :class:`Interrupted`.
+
+        with StopOnSignal() as stop:
+            while engine.step < engine.total_steps:
+                ...one step...
+                stop.after_step(engine, lambda: engine.save(cursor))
+
+    Dying mid-step would lose every step since the last checkpoint, and saving mid-step would
+    save half an update, so the handlers only note the signal and the loop acts on it at the
+    step boundary. A second signal stops at once (the last checkpoint stays intact).
+    Handlers are installed only in the main thread; the previous ones come back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise Interrupted(f"{name} again: stopped at once; the last checkpoint is intact",
+                              signum)
+        self.received = signum
+        log.warning("%s received: stopping after this step with a checkpoint (send it again "
+                    "to stop at once)", name)
+
+    def after_step(self, engine: Engine, save: Callable[[], Path]) -> None:
+        """At a step boundary: when a signal came (on any rank), checkpoint and raise."""
+        if not _on_any_rank(self.received is not None, engine):
+            return
+        path = ckpt.checkpoints_dir(engine.run_dir) / f"step-{engine.step}"
+        # save_steps may have saved this very step; rank 0 (the writer) decides for all ranks.
+        if not _on_any_rank(engine.dist.is_main and path.is_dir(), engine):
+            path = save()
+        signum = self.received or signal.SIGTERM  # a rank that got none follows the others
+        name = signal.Signals(signum).name
+        raise Interrupted(f"interrupted by {name} at step {engine.step} of "
+                          f"{engine.total_steps}: saved checkpoint {path}; run the same "
+                          "command with resume=true to continue", signum)
+
+
+def _on_any_rank(flag: bool, engine: Engine) -> bool:
+    return ddp.all_reduce_sum(float(flag), engine.dist, engine.device) > 0
