@@ -37,6 +37,7 @@ from posttrain.train.allocator import use_warm_host_memory
 from posttrain.train.config import TrainConfig
 from posttrain.train.metrics import MetricsLogger
 from posttrain.train.progress import Progress
+from posttrain.train.threads import govern_threads
 
 log = logging.getLogger("posttrain")
 
@@ -199,6 +200,7 @@ class Engine:
         ``model`` names a model added with ``add_model``: it takes its own step, and neither
         the run's step counter nor the progress bar moves.
         """
+        govern_threads()  # between steps: the cores other processes left free
         if model is not None:
             return self._update_other(self.others[model], micro_batches, loss_fn, count_fn)
         t0 = time.perf_counter()
