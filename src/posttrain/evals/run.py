@@ -9,6 +9,10 @@ pipeline stage (``kind: eval``).
     reward      the reward model's score of greedy answers to held-out requests, and the KL
                 to ``reference`` of one sampled answer each (``evals.policy``)
     pairs       a reward model's held-out pairwise accuracy (``task:safety_pairs``)
+    task        any prompt dataset with truth columns (``data=``: ``task:NAME``, ``rg:NAME``, a
+                file; its test split) scored by verifiers (``rewards=``, default ``auto`` as in
+                GRPO): ``task_accuracy`` (the first verifier's pass rate on greedy answers),
+                its 95% Wilson interval, and ``task_reward`` (the mean summed reward)
 
 The run directory gets ``eval.json`` (``{"metrics": {...}}``) and ``samples.jsonl`` (one row
 per answer: ``check``, ``prompt``, ``response`` and what was judged).
@@ -24,11 +28,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from posttrain.config.checks import Needs
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger("posttrain")
 
-CHECKS = ("arithmetic", "safety", "reward", "pairs")
+CHECKS = ("arithmetic", "safety", "reward", "pairs", "task")
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -42,6 +46,8 @@ class EvalRunConfig:
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "reward_model": Needs("checks", ("reward", "pairs")),
         "reference": Needs("checks", ("reward",), "the reward check's KL is measured to it"),
+        "data": Needs("checks", ("task",)),
+        "rewards": Needs("checks", ("task",)),
     }
 
     model: str = field(default="tiny", metadata={"help": "the model to evaluate"})
@@ -56,6 +62,10 @@ class EvalRunConfig:
                                      metadata={"help": "reward model dir (reward, pairs)"})
     reference: str | None = field(default=None,
                                   metadata={"help": "model the reward check's KL is measured to"})
+    data: str | None = field(default=None, metadata={
+        "help": "the task check's prompts: task:NAME, rg:NAME or a file (test split)"})
+    rewards: list[str] = field(default_factory=lambda: ["auto"], metadata={
+        "help": "the task check's verifiers (docs/rewards.md); auto = by the data"})
     precision: Literal["bf16", "fp32"] = field(
         default="fp32", metadata={"help": "fp32: greedy answers are exactly reproducible"})
 
@@ -66,6 +76,8 @@ class EvalRunConfig:
                               f"{', '.join(CHECKS)}")
         if {"reward", "pairs"} & set(self.checks) and not self.reward_model:
             raise ConfigError("the reward and pairs checks need reward_model=DIR")
+        if "task" in self.checks and not self.data:
+            raise ConfigError("the task check needs data=SPEC (task:NAME, rg:NAME or a file)")
         if "reward" in self.checks and not self.reference:
             raise ConfigError("the reward check needs reference=MODEL (its KL is measured "
                               "to it)")
@@ -131,8 +143,51 @@ def _pairs(cfg: EvalRunConfig) -> Result:
             "pair_margin": float((r[:, 0] - r[:, 1]).mean())}, []
 
 
+def _task(cfg: EvalRunConfig) -> Result:
+    from posttrain.data.prompts import encode_prompts, load_prompt_rows
+    from posttrain.evals.stats import wilson_interval
+    from posttrain.models.io import load_model, load_tokenizer
+    from posttrain.rewards.config import RewardConfig
+    from posttrain.rewards.registry import build_reward_set, check_reward_columns
+    from posttrain.rewards.scoring import score_rollouts
+    from posttrain.rollout import KVCacheGenerator, SamplingParams, default_stop_ids
+
+    data = str(cfg.data)
+    rows = load_prompt_rows(data, "test")[: cfg.prompts]
+    if not rows:
+        raise DataError(f"{data}: no held-out rows to evaluate")
+    rewards = build_reward_set(RewardConfig(functions=cfg.rewards), data, rows,
+                               max_length=1024, precision=cfg.precision)
+    check_reward_columns(rewards, rows, data)
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model).eval()
+    gen = KVCacheGenerator(model, tok, precision=cfg.precision,
+                           stop_token_ids=default_stop_ids(model, tok))
+    encoded = encode_prompts(rows, tok, 1024, data)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    verifier, samples = rewards.names[0], []
+    for s in range(0, len(encoded), 64):
+        chunk = encoded[s : s + 64]
+        out, texts = score_rollouts(rewards, tok, chunk, gen.generate([r["_ids"] for r in chunk],
+                                                                      1, greedy))
+        samples += [{"prompt": _last_text(r["prompt"]), "response": t, "reward": float(total),
+                     "correct": bool(passed >= 1.0)}
+                    for r, t, total, passed in zip(chunk, texts, out.total.tolist(),
+                                                   out.per_fn[verifier].tolist(), strict=True)]
+    n = len(samples)
+    ci = wilson_interval(sum(x["correct"] for x in samples), n)
+    return {"task_accuracy": ci.value, "task_accuracy_low": ci.low,
+            "task_accuracy_high": ci.high,
+            "task_reward": sum(x["reward"] for x in samples) / n}, samples
+
+
+def _last_text(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
 RUNNERS: dict[str, Callable[[EvalRunConfig], Result]] = {
     "arithmetic": _arithmetic, "safety": _safety, "reward": _reward, "pairs": _pairs,
+    "task": _task,
 }
 
 
