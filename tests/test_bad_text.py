@@ -123,3 +123,24 @@ def test_chat_refuses_undecodable_stdin_and_keeps_the_session(nano_dir: Path) ->
     assert proc.returncode == 0, err
     assert "not valid" in err and "Traceback" not in err
     assert proc.stdout.decode().count("assistant>") == 1  # "hello" got its reply
+
+
+def test_sandbox_program_bytes_decode_as_python_source(tmp_path: Path, capsys) -> None:
+    from posttrain.sandbox.cli import _read
+
+    latin = tmp_path / "latin.py"
+    latin.write_bytes(b'# -*- coding: latin-1 -*-\nprint("caf\xe9")\n')
+    assert 'caf\u00e9' in _read(str(latin))  # a coding cookie is honoured, as Python does
+    bad = tmp_path / "bad.py"
+    bad.write_bytes(b'print("caf\xe9")\n')
+    assert main(["sandbox", "run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not valid Python source text" in err and "Traceback" not in err
+
+
+def test_eval_code_sample_file_names_the_undecodable_line(tmp_path: Path, capsys) -> None:
+    samples = tmp_path / "samples.jsonl"
+    samples.write_bytes(b'{"task_id": "HumanEval/0", "completion": "x"}\n'
+                        b'{"task_id": "HumanEval/0", "completion": "caf\xe9"}\n')
+    assert main(["eval-code", "--samples", str(samples)]) == 2
+    assert f"{samples}:2: not valid UTF-8" in capsys.readouterr().err

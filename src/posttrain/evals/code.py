@@ -46,10 +46,14 @@ def load_samples(path: str | Path) -> dict[str, list[str]]:
     """``{"task_id", "completion"}`` JSONL rows grouped by task (file order kept)."""
     out: dict[str, list[str]] = {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().splitlines()
     except OSError as e:
         raise DataError(f"{path}: cannot read samples ({e.strerror})") from None
-    for no, line in enumerate(lines, 1):
+    for no, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if no == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{no}: not valid UTF-8") from None
         if not line.strip():
             continue
         try:

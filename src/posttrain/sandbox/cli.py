@@ -7,8 +7,10 @@ the isolation on their own machine (docs/sandbox.md has attack programs to try).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
+import tokenize
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
@@ -40,12 +42,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
+    """The program's text, decoded as Python decodes source: UTF-8 unless a coding cookie
+    (``# -*- coding: latin-1 -*-``) names another encoding."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
         raise PosttrainError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        return data.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as e:
+        where = "stdin" if path == "-" else path
+        raise PosttrainError(f"{where}: not valid Python source text ({e}); save it as UTF-8 "
+                             "or declare its encoding in a coding comment") from None
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
