@@ -16,6 +16,10 @@ pipeline stage (``kind: eval``).
 
 The run directory gets ``eval.json`` (``{"metrics": {...}}``) and ``samples.jsonl`` (one row
 per answer: ``check``, ``prompt``, ``response`` and what was judged).
+
+``suite=FILE.yaml`` (or a shipped suite's name, ``safety``) runs an eval suite instead of the
+checks (``evals.suite``, ``docs/evals.md``): its metrics are ``<task>.<metric>`` intervals, and
+the run directory also gets ``eval.md`` and ``items/<task>.jsonl`` (what a rerun resumes from).
 """
 
 from __future__ import annotations
@@ -66,10 +70,15 @@ class EvalRunConfig:
         "help": "the task check's prompts: task:NAME, rg:NAME or a file (test split)"})
     rewards: list[str] = field(default_factory=lambda: ["auto"], metadata={
         "help": "the task check's verifiers (docs/rewards.md); auto = by the data"})
+    suite: str | None = field(default=None, metadata={
+        "help": "an eval suite (YAML file, or 'safety'); replaces checks (docs/evals.md)"})
     precision: Literal["bf16", "fp32"] = field(
         default="fp32", metadata={"help": "fp32: greedy answers are exactly reproducible"})
 
     def validate(self) -> None:
+        if self.suite is not None and self.checks != ["arithmetic"]:
+            raise ConfigError(f"suite={self.suite} and checks={self.checks} are exclusive: a "
+                              f"suite lists its own checks (kind: builtin)")
         unknown = [c for c in self.checks if c not in CHECKS]
         if unknown or not self.checks:
             raise ConfigError(f"checks: unknown {unknown or 'empty list'}; choose from "
@@ -195,6 +204,8 @@ def run_eval(cfg: EvalRunConfig) -> Path:
     """Run every check; returns the run directory (``eval.json``, ``samples.jsonl``)."""
     import torch
 
+    if cfg.suite is not None:
+        return _run_suite(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -207,6 +218,25 @@ def run_eval(cfg: EvalRunConfig) -> Path:
             f.writelines(json.dumps({"check": check, **s}) + "\n" for s in samples)
     (out / EVAL_FILE).write_text(json.dumps({"model": cfg.model, "metrics": metrics}, indent=2)
                                  + "\n")
+    return out
+
+
+def _run_suite(cfg: EvalRunConfig) -> Path:
+    """An eval suite: checked whole (datasets loaded) before the model is, then resumable."""
+    import torch
+
+    from posttrain.evals.suite import load_suite, markdown_table, run_suite
+
+    suite = load_suite(str(cfg.suite), limit=cfg.prompts)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    metrics, samples = run_suite(suite, cfg)
+    with open(out / SAMPLES_FILE, "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    (out / EVAL_FILE).write_text(json.dumps({"model": cfg.model, "metrics": metrics}, indent=2)
+                                 + "\n")
+    (out / "eval.md").write_text(markdown_table(cfg.model, metrics))
     return out
 
 
