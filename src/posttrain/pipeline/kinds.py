@@ -73,9 +73,18 @@ def _eval_kind() -> StageKind:
                      output=lambda run_dir: run_dir)
 
 
+def _gate_kind() -> StageKind:
+    from posttrain.evals import gate_stage
+
+    return StageKind("release gate: thresholds on an eval stage's results; publishes the "
+                     "model when all pass, stops the pipeline when one fails",
+                     lambda: gate_stage.GateStageConfig, gate_stage.run_gate_stage,
+                     summary=gate_stage.read_verdict, output=lambda run_dir: run_dir)
+
+
 def stage_kinds() -> dict[str, StageKind]:
-    """Every kind by name: the training commands, ``eval``, then registered kinds."""
-    return {**_training_kinds(), "eval": _eval_kind(), **_REGISTERED}
+    """Every kind by name: the training commands, ``eval``, ``gate``, then registered kinds."""
+    return {**_training_kinds(), "eval": _eval_kind(), "gate": _gate_kind(), **_REGISTERED}
 
 
 def get_kind(name: str) -> StageKind:
