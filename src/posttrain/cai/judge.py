@@ -1,0 +1,129 @@
+"""AI judges: which of two answers better follows a principle (RLAIF, seed §5.8).
+
+A judge maps comparisons to P(the first answer is better). Two implementations share that
+protocol:
+
+    ModelJudge     a local HF model, asked "... Answer with A or B." and read from the
+                   probability of its next token: P(A) = softmax(logit_A, logit_B)[0]
+                   (not by parsing free text, which a small model gets wrong in many ways)
+    CallableJudge  any Python function ``(prompt, first, second, question) -> P(first)``
+
+Position bias: models prefer an answer for the slot it is in. ``judge_pairs`` asks every
+comparison in both orders and averages, p = (P(a first) + 1 - P(b first)) / 2; when the two
+orders disagree on the winner (one says a, the other b), the verdict is order-inconsistent
+and the pair is dropped, as is a tie (|p - 1/2| < ``min_margin``). A judge that always
+prefers the first slot therefore yields only dropped pairs, never a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+JUDGE_TEMPLATE = (
+    "{question}\n\nRequest: {prompt}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n"
+    "Answer with A or B.")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    prompt: str
+    first: str
+    second: str
+    question: str  # the principle's judge question
+
+
+class Judge(Protocol):
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        """P(first answer is better), one per comparison."""
+        ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``p_a``: the order-averaged probability that answer a is better; ``kept`` is False for
+    ties and order-inconsistent verdicts (``why`` says which)."""
+
+    p_a: float
+    p_a_first: float
+    p_a_second: float
+    kept: bool
+    why: str = ""
+
+    @property
+    def a_wins(self) -> bool:
+        return self.p_a > 0.5
+
+
+class CallableJudge:
+    """A Python function as a judge."""
+
+    def __init__(self, fn: Callable[[str, str, str, str], float]) -> None:
+        self.fn = fn
+
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        return [float(self.fn(c.prompt, c.first, c.second, c.question)) for c in items]
+
+
+class ModelJudge:
+    """A local causal LM judging by its next-token probabilities of "A" and "B"."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16,
+                 template: str = JUDGE_TEMPLATE) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.template = batch_size, template
+        self.choice_ids = (_single_token(tokenizer, "A"), _single_token(tokenizer, "B"))
+
+    @torch.no_grad()
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        from posttrain.data.chat import render_prompt
+
+        out: list[float] = []
+        for s in range(0, len(items), self.batch_size):
+            chunk = items[s : s + self.batch_size]
+            ids = [render_prompt(self.tokenizer, [{"role": "user", "content": self.template.format(
+                question=c.question, prompt=c.prompt, first=c.first, second=c.second)}])
+                for c in chunk]
+            out += self._p_first(ids)
+        return out
+
+    def _p_first(self, ids: list[list[int]]) -> list[float]:
+        device = next(self.model.parameters()).device
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id or 0
+        # left padding: every row's next token is at the last position
+        x = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, -1]
+        two = logits[:, list(self.choice_ids)].float()
+        return torch.softmax(two, dim=-1)[:, 0].tolist()
+
+
+def _single_token(tokenizer: Any, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"the judge's choice {text!r} is not one token for this tokenizer")
+    return ids[0]
+
+
+def judge_pairs(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+                questions: Sequence[str], min_margin: float = 0.0) -> list[Verdict]:
+    """Both orders of each (prompt, a, b) comparison; see the module doc for what is kept."""
+    fwd = judge.prefer_first([Comparison(p, x, y, q)
+                              for p, x, y, q in zip(prompts, a, b, questions, strict=True)])
+    rev = judge.prefer_first([Comparison(p, y, x, q)
+                              for p, x, y, q in zip(prompts, a, b, questions, strict=True)])
+    return [_verdict(f, 1.0 - r, min_margin) for f, r in zip(fwd, rev, strict=True)]
+
+
+def _verdict(p_a_first: float, p_a_second: float, min_margin: float) -> Verdict:
+    p = (p_a_first + p_a_second) / 2
+    if (p_a_first - 0.5) * (p_a_second - 0.5) < 0:
+        return Verdict(p, p_a_first, p_a_second, False, "order-inconsistent")
+    if abs(p - 0.5) <= min_margin or p == 0.5:
+        return Verdict(p, p_a_first, p_a_second, False, "tie")
+    return Verdict(p, p_a_first, p_a_second, True)
