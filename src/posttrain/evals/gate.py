@@ -366,12 +366,3 @@ def gate_main(argv: list[str]) -> int:
         Path(a.json_out).write_text(json.dumps(verdict.to_dict(), indent=2) + "\n")
     return 0 if verdict.passed else 1
 
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        sys.exit(gate_main(sys.argv[1:]))
-    except PosttrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
