@@ -1,8 +1,9 @@
 """The commands driven by a config: name -> (one-line doc, config class, run function).
 
 ``TRAIN_COMMANDS`` train a model (their run returns its ``final/``); ``COMMANDS`` adds
-``eval``. The CLI parses their options and runs them; a pipeline stage of the same kind does
-the same. Recipes are imported only when a command is used (importing one costs seconds).
+``eval`` and ``generate``. The CLI parses their options and runs them; a pipeline stage of the
+same kind does the same. Recipes are imported only when a command is used (importing one
+costs seconds).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ TRAIN_COMMANDS: dict[str, Command] = {
 
 COMMANDS: dict[str, Command] = {
     **TRAIN_COMMANDS,
-    "eval": Command("held-out evaluation of a model: checks=[arithmetic,safety,reward,pairs]",
-                    "posttrain.evals.run", "EvalRunConfig", "run_eval"),
+    "eval": Command("held-out evaluation: checks=[arithmetic,safety,reward,pairs,task] or "
+                    "suite=FILE", "posttrain.evals.run", "EvalRunConfig", "run_eval"),
+    "generate": Command("data generation: n samples per prompt, filtered by rewards: "
+                        "keep=all|best|passing|pairs -> SFT or preference rows",
+                        "posttrain.generate.run", "GenerateConfig", "run_generate"),
 }

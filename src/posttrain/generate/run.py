@@ -1,0 +1,373 @@
+"""``posttrain generate``: ``n`` completions per prompt from any model, batched through the
+KV-cache engine, optionally scored by rewards and filtered, written as training rows.
+
+    keep=all      every sample: SFT rows ``{"prompt", "completion"}`` (+ ``reward``)
+    keep=best     best-of-n: the highest-reward sample per prompt (ties: the first), if its
+                  reward is >= ``min_reward`` (when set)
+    keep=passing  rejection sampling: every sample with reward >= ``min_reward`` (default 1,
+                  a verifier's pass)
+    keep=pairs    preference rows ``{"prompt", "chosen", "rejected"}``: the best and the
+                  worst sample, when their rewards differ by > 0 and >= ``min_margin``
+
+Every row carries ``prompt_id`` (the prompt's index in the data and a hash of it). Rows are
+appended batch by batch; ``<output>.meta.json`` records the config's fingerprint and how many
+prompts (and bytes of output) are finished. A rerun with the same config truncates the output
+to the last finished batch (a torn line or a batch killed half-written goes) and continues
+after it, so each row is written exactly once; batch ``b``'s sampling seed depends only on
+``seed`` and the batch's first prompt, so a resumed run writes what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from posttrain.config.checks import Needs
+from posttrain.errors import ConfigError, DataError
+
+log = logging.getLogger("posttrain")
+
+KEEP = ("all", "best", "passing", "pairs")
+ROWS_FILE = "rows.jsonl"
+# Options that do not change which rows a prompt gets: a run may continue under new values
+# (``limit`` raised = more prompts).
+_NOT_FINGERPRINTED = ("output", "output_dir", "resume", "overwrite", "limit")
+
+Row = dict[str, Any]
+# One prompt's samples: (text, reward or None, finish reason), in sampling order.
+Sample = tuple[str, float | None, str]
+
+
+@dataclass
+class GenerateConfig:
+    """Completions of a prompt dataset, filtered by rewards into SFT or preference rows."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1",
+        "max_length": ">= 2", "batch_size": ">= 1", "limit": ">= 1", "min_reward": "finite",
+        "min_margin": ">= 0"}
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        "min_reward": Needs("keep", ("best", "passing")),
+        "min_margin": Needs("keep", ("pairs",)),
+    }
+
+    model: str = field(default="tiny", metadata={"help": "the model that writes the "
+                                                         "completions (a teacher, to distil)"})
+    data: str | None = field(default=None, metadata={
+        "help": "prompts: task:NAME, rg:NAME or a file of prompt rows"})
+    output_dir: str = field(default="runs/generate", metadata={
+        "help": f"the rows go to OUTPUT_DIR/{ROWS_FILE} unless output is set"})
+    output: str | None = field(default=None, metadata={"help": "the rows file (.jsonl)"})
+    split: str = field(default="train", metadata={"help": "the data split to read"})
+    n: int = field(default=4, metadata={"help": "samples per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1 = off"})
+    max_new_tokens: int = field(default=128, metadata={"help": "completion token budget"})
+    max_length: int = field(default=1024, metadata={
+        "help": "prompt + completion tokens; longer prompts are skipped"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per engine call"})
+    limit: int | None = field(default=None, metadata={"help": "at most this many prompts"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    rewards: list[str] = field(default_factory=list, metadata={
+        "help": "reward functions / verifiers (docs/rewards.md); auto = by the data"})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "a reward model dir whose score is the first reward"})
+    keep: Literal["all", "best", "passing", "pairs"] = field(default="all", metadata={
+        "help": "all | best (best-of-n) | passing (rejection sampling) | pairs (preference)"})
+    min_reward: float | None = field(default=None, metadata={
+        "help": "keep=best: drop prompts whose best is below; keep=passing: threshold "
+                "(default 1)"})
+    min_margin: float = field(default=0.0, metadata={
+        "help": "keep=pairs: least reward gap between chosen and rejected"})
+    precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={
+        "help": "fp32: greedy and seeded samples are exactly reproducible"})
+    resume: bool = field(default=True, metadata={
+        "help": "continue an output written with the same config"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("config key 'data' is required for generate (task:NAME, rg:NAME "
+                              "or a file of prompts)")
+        if self.keep != "all" and not (self.rewards or self.reward_model):
+            raise ConfigError(f"keep={self.keep} ranks samples by reward: set rewards=[...] "
+                              f"(e.g. [auto]) or reward_model=DIR")
+        if self.keep == "pairs" and self.n < 2:
+            raise ConfigError(f"keep=pairs needs n >= 2 samples per prompt, got n={self.n}")
+        if self.max_new_tokens >= self.max_length:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} leaves no room for a "
+                              f"prompt in max_length={self.max_length}")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output) if self.output else Path(self.output_dir) / ROWS_FILE
+
+
+def run_generate(cfg: GenerateConfig) -> Path:
+    """Generate, filter and append rows; returns the rows file (see the module docstring)."""
+    from posttrain.models.io import load_model, load_tokenizer
+    from posttrain.rollout import KVCacheGenerator, default_stop_ids
+
+    rows = _load_prompts(cfg)  # every input error is raised before the model loads
+    rewards = _rewards(cfg, rows)
+    path = cfg.path
+    done = _open_output(cfg, path)
+    tok = load_tokenizer(cfg.model)
+    prompts = _encode(cfg, rows, tok)
+    _check_same_prompts(path, prompts, done)
+    if done >= len(prompts):
+        log.info("generate: %s already holds all %d prompts", path, len(prompts))
+        return path
+    model = load_model(cfg.model).eval()
+    gen = KVCacheGenerator(model, tok, precision=cfg.precision,
+                           stop_token_ids=default_stop_ids(model, tok))
+    with _progress(len(prompts), done) as advance:
+        for start in range(done, len(prompts), cfg.batch_size):
+            chunk = prompts[start : start + cfg.batch_size]
+            ro = gen.generate([r["_ids"] for _, r in chunk], cfg.n, _sampling(cfg, start))
+            samples = _score(rewards, tok, [r for _, r in chunk], ro)
+            out = [x for (pid, r), s in zip(chunk, samples, strict=True)
+                   for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
+            _append(path, out, start + len(chunk), chunk[-1][0])
+            advance(len(chunk), len(out))
+    return path
+
+
+# --- inputs (checked before the model loads) ------------------------------------------------
+
+
+def _load_prompts(cfg: GenerateConfig) -> list[Row]:
+    from posttrain.data.prompts import load_prompt_rows
+
+    rows = load_prompt_rows(str(cfg.data), cfg.split)[: cfg.limit]
+    if not rows:
+        raise DataError(f"{cfg.data}: no prompt rows in split {cfg.split!r}")
+    return rows
+
+
+def _rewards(cfg: GenerateConfig, rows: list[Row]) -> Any:
+    if not (cfg.rewards or cfg.reward_model):
+        return None
+    from posttrain.rewards.config import RewardConfig
+    from posttrain.rewards.registry import build_reward_set, check_reward_columns
+
+    rc = RewardConfig(model=cfg.reward_model, functions=list(cfg.rewards))
+    rewards = build_reward_set(rc, str(cfg.data), rows, max_length=cfg.max_length,
+                               precision=cfg.precision)
+    check_reward_columns(rewards, rows, str(cfg.data))
+    return rewards
+
+
+def prompt_id(index: int, prompt: Any) -> str:
+    """A prompt's stable id: its index in the data and a hash of its content."""
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
+    return f"{index}-{digest[:10]}"
+
+
+def _encode(cfg: GenerateConfig, rows: list[Row], tok: Any) -> list[tuple[str, Row]]:
+    """(prompt_id, row + ``_ids``) of every prompt that leaves room to generate."""
+    from posttrain.data.chat import render_prompt
+
+    max_prompt = cfg.max_length - cfg.max_new_tokens
+    out = [(prompt_id(i, r["prompt"]), {**r, "_ids": render_prompt(tok, r["prompt"])})
+           for i, r in enumerate(rows)]
+    kept = [x for x in out if len(x[1]["_ids"]) <= max_prompt]
+    if len(kept) < len(out):
+        log.warning("%s: %d prompts longer than max_length - max_new_tokens = %d tokens; "
+                    "skipped", cfg.data, len(out) - len(kept), max_prompt)
+    if not kept:
+        raise DataError(f"{cfg.data}: no prompt fits in max_length - max_new_tokens = "
+                        f"{max_prompt} tokens")
+    return kept
+
+
+# --- the output file and its sidecar --------------------------------------------------------
+
+
+def meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".meta.json")
+
+
+def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
+    """The options that decide what a prompt's rows are (what a resumed run must share)."""
+    d = asdict(cfg)
+    return {k: v for k, v in d.items() if k not in _NOT_FINGERPRINTED}
+
+
+def _open_output(cfg: GenerateConfig, path: Path) -> int:
+    """Prompts already finished in ``path`` (0 for a fresh output); refuses an output written
+    under another config, and cuts what follows the last finished batch."""
+    meta = meta_path(path)
+    if cfg.overwrite or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        _write_meta(meta, {"config": fingerprint(cfg), "prompts_done": 0, "bytes": 0})
+        return 0
+    if not meta.exists():
+        raise ConfigError(f"{path} exists but has no {meta.name} (not written by posttrain "
+                          f"generate); overwrite=true replaces it")
+    state = json.loads(meta.read_text())
+    old, new = state["config"], fingerprint(cfg)
+    if old != new:
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ConfigError(f"{path} was generated with a different config ({', '.join(diff)} "
+                          f"differ); overwrite=true replaces it")
+    if not cfg.resume:
+        raise ConfigError(f"{path} exists; resume=true continues it, overwrite=true replaces it")
+    size, committed = path.stat().st_size, int(state["bytes"])
+    if size < committed:
+        raise DataError(f"{path} is shorter ({size} bytes) than {meta.name} records "
+                        f"({committed}): it was edited; overwrite=true regenerates it")
+    if size > committed:  # a torn line, or a batch killed before it was recorded
+        log.warning("generate: %s: dropping %d bytes after the last finished batch", path,
+                    size - committed)
+        os.truncate(path, committed)
+    log.info("generate: resuming %s after %d prompts", path, state["prompts_done"])
+    return int(state["prompts_done"])
+
+
+def _write_meta(meta: Path, state: dict[str, Any]) -> None:
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, meta)  # atomic: the sidecar is always one whole state
+
+
+def _check_same_prompts(path: Path, prompts: list[tuple[str, Row]], done: int) -> None:
+    """A resumed output must continue the same prompts: the last finished one still sits at
+    its place (the data file, or the tokenizer's prompt lengths, may have changed)."""
+    if done == 0:
+        return
+    last = json.loads(meta_path(path).read_text()).get("last_prompt_id")
+    here = prompts[done - 1][0] if done <= len(prompts) else None
+    if last != here:
+        raise DataError(f"{path}: its last finished prompt {last} is not prompt {done} of the "
+                        f"data any more (the data changed?); overwrite=true regenerates it")
+
+
+def _append(path: Path, rows: list[Row], prompts_done: int, last_id: str) -> None:
+    """Append one batch's rows, then record it finished (rows first: a kill in between only
+    leaves bytes that the next run cuts and regenerates)."""
+    with open(path, "ab") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    meta = meta_path(path)
+    state = json.loads(meta.read_text())
+    _write_meta(meta, {**state, "prompts_done": prompts_done, "bytes": size,
+                       "last_prompt_id": last_id})
+
+
+# --- sampling, scoring and selection --------------------------------------------------------
+
+
+def _sampling(cfg: GenerateConfig, start: int) -> Any:
+    from posttrain.rollout import SamplingParams
+
+    # A seed per batch, fixed by its first prompt: a resumed batch samples what it did.
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                          max_new_tokens=cfg.max_new_tokens,
+                          seed=(cfg.seed * 1_000_003 + start) % 2**62)
+
+
+def _score(rewards: Any, tok: Any, rows: list[Row], ro: Any) -> list[list[Sample]]:
+    """Each prompt's samples: (text, reward, finish reason)."""
+    if rewards is None:
+        texts = tok.batch_decode(ro.completion_ids, skip_special_tokens=True)
+        scores: list[float | None] = [None] * len(texts)
+    else:
+        from posttrain.rewards.scoring import score_rollouts
+
+        out, texts = score_rollouts(rewards, tok, rows, ro)
+        scores = [float(x) for x in out.total.tolist()]
+    flat = list(zip(texts, scores, ro.finish_reasons, strict=True))
+    return [flat[i * ro.n : (i + 1) * ro.n] for i in range(len(rows))]
+
+
+def _completion(prompt: Any, text: str) -> Any:
+    """A completion in its prompt's form: text after a text prompt, else an assistant turn."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def _sft(pid: str, prompt: Any, s: Sample) -> Row:
+    row = {"prompt_id": pid, "prompt": prompt, "completion": _completion(prompt, s[0]),
+           "finish_reason": s[2]}
+    return row if s[1] is None else {**row, "reward": s[1]}
+
+
+def _reward(s: Sample) -> float:
+    return float(s[1]) if s[1] is not None else 0.0
+
+
+def _keep_all(cfg: GenerateConfig, pid: str, prompt: Any, samples: list[Sample]) -> list[Row]:
+    return [_sft(pid, prompt, s) for s in samples]
+
+
+def _keep_best(cfg: GenerateConfig, pid: str, prompt: Any, samples: list[Sample]) -> list[Row]:
+    best = max(samples, key=_reward)  # max keeps the first of equals
+    if cfg.min_reward is not None and _reward(best) < cfg.min_reward:
+        return []
+    return [_sft(pid, prompt, best)]
+
+
+def _keep_passing(cfg: GenerateConfig, pid: str, prompt: Any,
+                  samples: list[Sample]) -> list[Row]:
+    low = 1.0 if cfg.min_reward is None else cfg.min_reward
+    return [_sft(pid, prompt, s) for s in samples if _reward(s) >= low]
+
+
+def _keep_pairs(cfg: GenerateConfig, pid: str, prompt: Any, samples: list[Sample]) -> list[Row]:
+    hi, lo = max(samples, key=_reward), min(samples, key=_reward)
+    gap = _reward(hi) - _reward(lo)
+    if gap <= 0 or gap < cfg.min_margin:
+        return []
+    return [{"prompt_id": pid, "prompt": prompt, "chosen": _completion(prompt, hi[0]),
+             "rejected": _completion(prompt, lo[0]), "chosen_reward": _reward(hi),
+             "rejected_reward": _reward(lo)}]
+
+
+SELECT: dict[str, Callable[[GenerateConfig, str, Any, list[Sample]], list[Row]]] = {
+    "all": _keep_all, "best": _keep_best, "passing": _keep_passing, "pairs": _keep_pairs}
+
+
+@contextmanager
+def _progress(total: int, done: int) -> Iterator[Callable[[int, int], None]]:
+    """A rich bar (prompts done, rows kept) on a terminal; a log line per batch elsewhere."""
+    kept = 0
+    if not (sys.stderr.isatty() and os.environ.get("POSTTRAIN_PROGRESS") != "plain"):
+        def line(prompts: int, rows: int) -> None:
+            nonlocal done, kept
+            done, kept = done + prompts, kept + rows
+            log.info("generate: %d/%d prompts, %d rows kept", done, total, kept)
+
+        yield line
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("rows {task.fields[rows]}"), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+    task = bar.add_task("generate", total=total, completed=done, rows=0)
+
+    def step(prompts: int, rows: int) -> None:
+        nonlocal kept
+        kept += rows
+        bar.update(task, advance=prompts, rows=kept)
+
+    with bar:
+        yield step
