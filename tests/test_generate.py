@@ -181,3 +181,40 @@ def test_passing_rows_train_sft(nano_dir, tmp_path):
     sft = config_from_dict(SFTConfig, {"model": str(nano_dir), "data": str(path),
                                        "output_dir": str(tmp_path / "sft"), "max_steps": 2})
     assert (Path(train_sft(sft)) / "config.json").exists()
+
+
+def longer_judge(prompt, first, second, question):  # a consistent stub judge
+    return 0.9 if len(first) > len(second) else 0.1
+
+
+def first_slot_judge(prompt, first, second, question):  # pure position bias
+    return 0.9
+
+
+def test_judged_pairs_follow_the_judge(nano_dir, tmp_path):
+    cfg = make(nano_dir, tmp_path, keep="judged", constitution="demo", n=2,
+               judge_model="tests.test_generate:longer_judge")
+    rows = read(run_generate(cfg))
+    assert rows, "a nano model's two samples differ, so most prompts get a pair"
+    names = {"secrets", "helpful", "correct-sums"}
+    for r in rows:
+        assert len(r["chosen"][0]["content"]) > len(r["rejected"][0]["content"])
+        assert r["principle"] in names and r["judge_p"] == pytest.approx(0.9)
+
+
+def test_a_position_biased_judge_labels_nothing(nano_dir, tmp_path, caplog):
+    cfg = make(nano_dir, tmp_path, keep="judged", constitution="demo", n=2,
+               judge_model="tests.test_generate:first_slot_judge")
+    with caplog.at_level("INFO", logger="posttrain"):
+        assert read(run_generate(cfg)) == []
+    assert "order-inconsistent" in caplog.text
+
+
+def test_judged_needs_a_constitution(nano_dir, tmp_path):
+    with pytest.raises(ConfigError, match="constitution"):
+        make(nano_dir, tmp_path, keep="judged", n=2)
+
+
+def test_the_model_judges_itself_by_default(nano_dir, tmp_path):
+    cfg = make(nano_dir, tmp_path, keep="judged", constitution="hhh", n=2)
+    assert all(0.5 < r["judge_p"] < 1.0 for r in read(run_generate(cfg)))

@@ -23,7 +23,7 @@ from posttrain.errors import ConfigError
 # What each command needs before its defaults load (none of it is read here: no files).
 BASE = {name: ["data=d.jsonl"] for name in TRAIN_COMMANDS}
 BASE |= {"grpo": ["data=task:arithmetic"], "ppo": ["data=task:arithmetic", "reward_model=rm"],
-         "eval": []}
+         "eval": [], "generate": ["data=task:arithmetic"]}
 
 # Numbers checked by hand-written code instead of a RANGES entry, and why.
 NO_RANGE = {
@@ -150,6 +150,10 @@ UNUSED: dict[str, tuple[list[str], list[str]]] = {
              ["checks=task", "data=task:arithmetic"]),
     "rewards": (["checks=arithmetic", "rewards=[numeric]"],
                 ["checks=task", "data=task:arithmetic", "rewards=[numeric]"]),
+    "min_reward": (["min_reward=0.5"], ["keep=best", "rewards=[numeric]", "min_reward=0.5"]),
+    "min_margin": (["min_margin=0.5"], ["keep=pairs", "rewards=[numeric]", "min_margin=0.5"]),
+    "constitution": (["constitution=hhh"], ["keep=judged", "constitution=hhh"]),
+    "judge_model": (["judge_model=m"], ["keep=judged", "constitution=hhh", "judge_model=m"]),
 }
 
 

@@ -8,6 +8,13 @@ KV-cache engine, optionally scored by rewards and filtered, written as training 
                   a verifier's pass)
     keep=pairs    preference rows ``{"prompt", "chosen", "rejected"}``: the best and the
                   worst sample, when their rewards differ by > 0 and >= ``min_margin``
+    keep=judged   AI feedback (RLAIF): two different samples per prompt compared by a judge
+                  (``judge_model``: a model dir, or ``module:function``) under a principle
+                  drawn from ``constitution`` (by the row's ``category`` when it has one),
+                  asked in both orders; preference rows with ``principle`` and ``judge_p``
+                  (the judge's order-averaged probability for ``chosen``). Ties, order-
+                  inconsistent verdicts and prompts whose samples are all the same are
+                  dropped and counted (``cai/judge.py``)
 
 Every row carries ``prompt_id`` (the prompt's index in the data and a hash of it). Rows are
 appended batch by batch; ``<output>.meta.json`` records the config's fingerprint and how many
@@ -35,7 +42,7 @@ from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger("posttrain")
 
-KEEP = ("all", "best", "passing", "pairs")
+KEEP = ("all", "best", "passing", "pairs", "judged")
 ROWS_FILE = "rows.jsonl"
 # Options that do not change which rows a prompt gets: a run may continue under new values
 # (``limit`` raised = more prompts).
@@ -56,7 +63,9 @@ class GenerateConfig:
         "min_margin": ">= 0"}
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "min_reward": Needs("keep", ("best", "passing")),
-        "min_margin": Needs("keep", ("pairs",)),
+        "min_margin": Needs("keep", ("pairs", "judged")),
+        "constitution": Needs("keep", ("judged",)),
+        "judge_model": Needs("keep", ("judged",)),
     }
 
     model: str = field(default="tiny", metadata={"help": "the model that writes the "
@@ -80,13 +89,18 @@ class GenerateConfig:
         "help": "reward functions / verifiers (docs/rewards.md); auto = by the data"})
     reward_model: str | None = field(default=None, metadata={
         "help": "a reward model dir whose score is the first reward"})
-    keep: Literal["all", "best", "passing", "pairs"] = field(default="all", metadata={
-        "help": "all | best (best-of-n) | passing (rejection sampling) | pairs (preference)"})
+    keep: Literal["all", "best", "passing", "pairs", "judged"] = field(default="all", metadata={
+        "help": "all | best (best-of-n) | passing (rejection sampling) | pairs (preference "
+                "by reward) | judged (preference by an AI judge)"})
+    constitution: str | None = field(default=None, metadata={
+        "help": "keep=judged: the principles (hhh, demo, or a YAML file; docs/cai.md)"})
+    judge_model: str | None = field(default=None, metadata={
+        "help": "keep=judged: the judge, a model dir or module:function (default: model)"})
     min_reward: float | None = field(default=None, metadata={
         "help": "keep=best: drop prompts whose best is below; keep=passing: threshold "
                 "(default 1)"})
     min_margin: float = field(default=0.0, metadata={
-        "help": "keep=pairs: least reward gap between chosen and rejected"})
+        "help": "keep=pairs: least reward gap; keep=judged: least |judge_p - 1/2|"})
     precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={
         "help": "fp32: greedy and seeded samples are exactly reproducible"})
     resume: bool = field(default=True, metadata={
@@ -97,7 +111,11 @@ class GenerateConfig:
         if not self.data:
             raise ConfigError("config key 'data' is required for generate (task:NAME, rg:NAME "
                               "or a file of prompts)")
-        if self.keep != "all" and not (self.rewards or self.reward_model):
+        if self.keep == "judged":
+            if not self.constitution or self.n < 2:
+                raise ConfigError("keep=judged needs constitution=NAME|FILE and n >= 2 "
+                                  f"samples per prompt (got n={self.n})")
+        elif self.keep != "all" and not (self.rewards or self.reward_model):
             raise ConfigError(f"keep={self.keep} ranks samples by reward: set rewards=[...] "
                               f"(e.g. [auto]) or reward_model=DIR")
         if self.keep == "pairs" and self.n < 2:
@@ -118,6 +136,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
 
     rows = _load_prompts(cfg)  # every input error is raised before the model loads
     rewards = _rewards(cfg, rows)
+    feedback = _Feedback(cfg) if cfg.keep == "judged" else None
     path = cfg.path
     done = _open_output(cfg, path)
     tok = load_tokenizer(cfg.model)
@@ -134,10 +153,15 @@ def run_generate(cfg: GenerateConfig) -> Path:
             chunk = prompts[start : start + cfg.batch_size]
             ro = gen.generate([r["_ids"] for _, r in chunk], cfg.n, _sampling(cfg, start))
             samples = _score(rewards, tok, [r for _, r in chunk], ro)
-            out = [x for (pid, r), s in zip(chunk, samples, strict=True)
-                   for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
+            if feedback is not None:
+                out = feedback.label(chunk, samples, model, tok)
+            else:
+                out = [x for (pid, r), s in zip(chunk, samples, strict=True)
+                       for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
             _append(path, out, start + len(chunk), chunk[-1][0])
             advance(len(chunk), len(out))
+    if feedback is not None:
+        log.info("generate: AI feedback dropped %s", feedback.dropped or "nothing")
     return path
 
 
@@ -332,6 +356,80 @@ def _keep_pairs(cfg: GenerateConfig, pid: str, prompt: Any, samples: list[Sample
     return [{"prompt_id": pid, "prompt": prompt, "chosen": _completion(prompt, hi[0]),
              "rejected": _completion(prompt, lo[0]), "chosen_reward": _reward(hi),
              "rejected_reward": _reward(lo)}]
+
+
+class _Feedback:
+    """keep=judged: the constitution and the judge, and the dropped pairs by reason."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        from posttrain.cai import load_constitution
+
+        self.cfg = cfg
+        self.constitution = load_constitution(str(cfg.constitution))
+        self.judge: Any = None
+        spec = cfg.judge_model
+        if spec and ":" in spec and not Path(spec).exists():  # a callable: import it now
+            from posttrain.cai.judge import CallableJudge
+
+            self.judge = CallableJudge(_import_callable(spec))
+        self.dropped: dict[str, int] = {}
+
+    def _judge(self, model: Any, tok: Any) -> Any:
+        from posttrain.cai.judge import ModelJudge
+
+        spec = self.cfg.judge_model
+        if self.judge is None:
+            if spec and spec != self.cfg.model:
+                from posttrain.models.io import load_model, load_tokenizer
+
+                self.judge = ModelJudge(load_model(spec), load_tokenizer(spec))
+            else:
+                self.judge = ModelJudge(model, tok)
+        return self.judge
+
+    def label(self, chunk: list[tuple[str, Row]], samples: list[list[Sample]], model: Any,
+              tok: Any) -> list[Row]:
+        import random
+
+        from posttrain.cai.judge import judge_pairs
+
+        todo = []
+        for (pid, row), s in zip(chunk, samples, strict=True):
+            other = next((x for x in s[1:] if x[0] != s[0][0]), None)
+            if other is None:
+                self.dropped["identical"] = self.dropped.get("identical", 0) + 1
+                continue
+            principle = self.constitution.sample(random.Random(f"{self.cfg.seed}-{pid}"),
+                                                 row.get("category"))
+            todo.append((pid, row["prompt"], s[0][0], other[0], principle))
+        verdicts = judge_pairs(self._judge(model, tok), [_text(t[1]) for t in todo],
+                               [t[2] for t in todo], [t[3] for t in todo],
+                               [t[4].judge for t in todo], self.cfg.min_margin)
+        out = []
+        for (pid, prompt, a, b, principle), v in zip(todo, verdicts, strict=True):
+            if not v.kept:
+                self.dropped[v.why] = self.dropped.get(v.why, 0) + 1
+                continue
+            chosen, rejected = (a, b) if v.a_wins else (b, a)
+            out.append({"prompt_id": pid, "prompt": prompt,
+                        "chosen": _completion(prompt, chosen),
+                        "rejected": _completion(prompt, rejected),
+                        "principle": principle.name, "judge_p": max(v.p_a, 1 - v.p_a)})
+        return out
+
+
+def _text(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def _import_callable(spec: str) -> Callable[..., float]:
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"judge_model={spec}: cannot import it ({e})") from None
 
 
 SELECT: dict[str, Callable[[GenerateConfig, str, Any, list[Sample]], list[Row]]] = {
