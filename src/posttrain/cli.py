@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if rest and f"{name} {rest[0]}" in COMMANDS:  # two-word commands: cai revise, cai label
+        name, rest = f"{name} {rest[0]}", rest[1:]
     _setup_logging()
     rc = _run(name, rest, debug)
     if rc is not None:

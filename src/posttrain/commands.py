@@ -60,4 +60,10 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("data generation: n samples per prompt, filtered by rewards: "
                         "keep=all|best|passing|pairs -> SFT or preference rows",
                         "posttrain.generate.run", "GenerateConfig", "run_generate"),
+    "cai revise": Command("Constitutional AI: answer, critique and revise against a "
+                          "constitution -> SFT rows", "posttrain.cai.revise", "ReviseConfig",
+                          "run_revise"),
+    "cai label": Command("AI feedback (RLAIF): two answers judged under a constitution, both "
+                         "orders -> preference rows", "posttrain.cai.label", "LabelConfig",
+                         "run_generate"),
 }

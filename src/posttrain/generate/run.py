@@ -134,21 +134,21 @@ def run_generate(cfg: GenerateConfig) -> Path:
     from posttrain.models.io import load_model, load_tokenizer
     from posttrain.rollout import KVCacheGenerator, default_stop_ids
 
-    rows = _load_prompts(cfg)  # every input error is raised before the model loads
+    rows = load_prompts(cfg)  # every input error is raised before the model loads
     rewards = _rewards(cfg, rows)
     feedback = _Feedback(cfg) if cfg.keep == "judged" else None
     path = cfg.path
-    done = _open_output(cfg, path)
+    done = open_output(cfg, path)
     tok = load_tokenizer(cfg.model)
-    prompts = _encode(cfg, rows, tok)
-    _check_same_prompts(path, prompts, done)
+    prompts = encode_prompts(cfg, rows, tok)
+    check_same_prompts(path, prompts, done)
     if done >= len(prompts):
         log.info("generate: %s already holds all %d prompts", path, len(prompts))
         return path
     model = load_model(cfg.model).eval()
     gen = KVCacheGenerator(model, tok, precision=cfg.precision,
                            stop_token_ids=default_stop_ids(model, tok))
-    with _progress(len(prompts), done) as advance:
+    with progress(len(prompts), done) as advance:
         for start in range(done, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]
             ro = gen.generate([r["_ids"] for _, r in chunk], cfg.n, _sampling(cfg, start))
@@ -158,7 +158,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
             else:
                 out = [x for (pid, r), s in zip(chunk, samples, strict=True)
                        for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
-            _append(path, out, start + len(chunk), chunk[-1][0])
+            append_rows(path, out, start + len(chunk), chunk[-1][0])
             advance(len(chunk), len(out))
     if feedback is not None:
         log.info("generate: AI feedback dropped %s", feedback.dropped or "nothing")
@@ -168,7 +168,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
 # --- inputs (checked before the model loads) ------------------------------------------------
 
 
-def _load_prompts(cfg: GenerateConfig) -> list[Row]:
+def load_prompts(cfg: GenerateConfig) -> list[Row]:
     from posttrain.data.prompts import load_prompt_rows
 
     rows = load_prompt_rows(str(cfg.data), cfg.split)[: cfg.limit]
@@ -196,7 +196,7 @@ def prompt_id(index: int, prompt: Any) -> str:
     return f"{index}-{digest[:10]}"
 
 
-def _encode(cfg: GenerateConfig, rows: list[Row], tok: Any) -> list[tuple[str, Row]]:
+def encode_prompts(cfg: GenerateConfig, rows: list[Row], tok: Any) -> list[tuple[str, Row]]:
     """(prompt_id, row + ``_ids``) of every prompt that leaves room to generate."""
     from posttrain.data.chat import render_prompt
 
@@ -226,7 +226,7 @@ def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in _NOT_FINGERPRINTED}
 
 
-def _open_output(cfg: GenerateConfig, path: Path) -> int:
+def open_output(cfg: GenerateConfig, path: Path) -> int:
     """Prompts already finished in ``path`` (0 for a fresh output); refuses an output written
     under another config, and cuts what follows the last finished batch."""
     meta = meta_path(path)
@@ -264,7 +264,7 @@ def _write_meta(meta: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, meta)  # atomic: the sidecar is always one whole state
 
 
-def _check_same_prompts(path: Path, prompts: list[tuple[str, Row]], done: int) -> None:
+def check_same_prompts(path: Path, prompts: list[tuple[str, Row]], done: int) -> None:
     """A resumed output must continue the same prompts: the last finished one still sits at
     its place (the data file, or the tokenizer's prompt lengths, may have changed)."""
     if done == 0:
@@ -276,7 +276,7 @@ def _check_same_prompts(path: Path, prompts: list[tuple[str, Row]], done: int) -
                         f"data any more (the data changed?); overwrite=true regenerates it")
 
 
-def _append(path: Path, rows: list[Row], prompts_done: int, last_id: str) -> None:
+def append_rows(path: Path, rows: list[Row], prompts_done: int, last_id: str) -> None:
     """Append one batch's rows, then record it finished (rows first: a kill in between only
     leaves bytes that the next run cuts and regenerates)."""
     with open(path, "ab") as f:
@@ -402,7 +402,7 @@ class _Feedback:
             principle = self.constitution.sample(random.Random(f"{self.cfg.seed}-{pid}"),
                                                  row.get("category"))
             todo.append((pid, row["prompt"], s[0][0], other[0], principle))
-        verdicts = judge_pairs(self._judge(model, tok), [_text(t[1]) for t in todo],
+        verdicts = judge_pairs(self._judge(model, tok), [prompt_text(t[1]) for t in todo],
                                [t[2] for t in todo], [t[3] for t in todo],
                                [t[4].judge for t in todo], self.cfg.min_margin)
         out = []
@@ -418,7 +418,7 @@ class _Feedback:
         return out
 
 
-def _text(prompt: Any) -> str:
+def prompt_text(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
@@ -437,7 +437,7 @@ SELECT: dict[str, Callable[[GenerateConfig, str, Any, list[Sample]], list[Row]]]
 
 
 @contextmanager
-def _progress(total: int, done: int) -> Iterator[Callable[[int, int], None]]:
+def progress(total: int, done: int) -> Iterator[Callable[[int, int], None]]:
     """A rich bar (prompts done, rows kept) on a terminal; a log line per batch elsewhere."""
     kept = 0
     if not (sys.stderr.isatty() and os.environ.get("POSTTRAIN_PROGRESS") != "plain"):
