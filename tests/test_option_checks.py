@@ -23,7 +23,10 @@ from posttrain.errors import ConfigError
 # What each command needs before its defaults load (none of it is read here: no files).
 BASE = {name: ["data=d.jsonl"] for name in TRAIN_COMMANDS}
 BASE |= {"grpo": ["data=task:arithmetic"], "ppo": ["data=task:arithmetic", "reward_model=rm"],
-         "eval": [], "generate": ["data=task:arithmetic"]}
+         "eval": [], "generate": ["data=task:arithmetic"],
+         # cai label is generate with keep=judged: checked here under generate's default keep
+         "cai label": ["data=task:arithmetic", "keep=all"],
+         "cai revise": ["data=task:arithmetic", "constitution=hhh"]}
 
 # Numbers checked by hand-written code instead of a RANGES entry, and why.
 NO_RANGE = {
@@ -153,7 +156,12 @@ UNUSED: dict[str, tuple[list[str], list[str]]] = {
     "min_reward": (["min_reward=0.5"], ["keep=best", "rewards=[numeric]", "min_reward=0.5"]),
     "min_margin": (["min_margin=0.5"], ["keep=pairs", "rewards=[numeric]", "min_margin=0.5"]),
     "constitution": (["constitution=hhh"], ["keep=judged", "constitution=hhh"]),
-    "judge_model": (["judge_model=m"], ["keep=judged", "constitution=hhh", "judge_model=m"]),
+    "judge_model": (["keep=all", "judge_model=m"],
+                    ["keep=judged", "constitution=hhh", "judge_model=m"]),
+    "reward.judge_model": (["reward.judge_model=m"],
+                           ["rewards=[judge]", "reward.judge_model=m"]),
+    "reward.judge_question": (["reward.judge_question=q"],
+                              ["rewards=[judge]", "reward.judge_question=q"]),
 }
 
 

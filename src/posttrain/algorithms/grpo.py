@@ -157,7 +157,9 @@ class GRPO:
         self.rewards, self.ref = rewards, reference
         self.tokenizer = engine.tokenizer
         self.updates_per_step = cfg.num_iterations
-        verifiers = rewards.names[1:] if cfg.reward.model else rewards.names
+        # reward/accuracy: the first verifier's pass rate (a judge's probability is no pass)
+        verifiers = [n for n in (rewards.names[1:] if cfg.reward.model else rewards.names)
+                     if n != "judge"]
         self.accuracy_of = verifiers[0] if verifiers else None  # reward/accuracy: its pass rate
         self.generator = online.policy_sampler(engine)
         self.warnings = online.Warnings()

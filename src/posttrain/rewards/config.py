@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from posttrain.config.checks import Needs
 from posttrain.errors import ConfigError
 
 
@@ -15,6 +16,10 @@ class RewardConfig:
     """The reward: a reward model's score and/or reward functions, weighted and summed."""
 
     RANGES: ClassVar[dict[str, str]] = {"timeout_s": ">= 0", "on_error": "finite"}
+    ONLY_WITH: ClassVar[dict[str, Needs]] = {
+        "judge_model": Needs("functions", ("judge",)),
+        "judge_question": Needs("functions", ("judge",)),
+    }
 
     model: str | None = field(
         default=None, metadata={"help": "reward model dir (posttrain rm's final/); its score "
@@ -25,6 +30,11 @@ class RewardConfig:
     weights: list[float] = field(
         default_factory=list, metadata={"help": "one weight per reward: [model (if set), "
                                                 "*functions]; [] = all 1"})
+    judge_model: str | None = field(default=None, metadata={
+        "help": "functions=[judge]: the judge, a model dir or package.module:function "
+                "(docs/cai.md)"})
+    judge_question: str = field(default="Which answer is better?", metadata={
+        "help": "functions=[judge]: the question the judge answers (a principle's judge)"})
     timeout_s: float = field(default=60.0, metadata={"help": "per reward call; 0 = none"})
     on_error: float = field(
         default=0.0, metadata={"help": "score of rows whose reward call raised or timed out"})

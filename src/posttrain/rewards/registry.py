@@ -107,9 +107,15 @@ def build_reward_set(cfg: RewardConfig, data_spec: str, rows: Sequence[Mapping[s
     names = cfg.functions
     if names == ["auto"]:
         names = auto_reward_names(data_spec, rows, required=cfg.model is None)
-    fns += [build_reward(n) for n in names]
+    fns += [_judge(cfg) if n == "judge" else build_reward(n) for n in names]
     return RewardSet(fns, cfg.weights or None, timeout_s=cfg.timeout_s or None,
                      on_error=cfg.on_error)
+
+
+def _judge(cfg: RewardConfig) -> Any:
+    from posttrain.rewards.judge import JudgeReward
+
+    return JudgeReward(cfg.judge_model, cfg.judge_question)
 
 
 def required_columns(fn: Any) -> tuple[str, ...]:

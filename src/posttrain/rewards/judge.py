@@ -1,0 +1,69 @@
+"""An AI judge as a reward (RLAIF for GRPO and PPO; ``cai/judge.py``).
+
+``rewards=[judge]`` scores each completion against the row's ``reference`` answer: the reward
+is the judge's order-averaged probability that the completion is the better of the two,
+p = (P(completion shown first wins) + 1 - P(reference shown first wins)) / 2, in [0, 1].
+Asking both orders cancels the judge's position bias, as when labelling preferences.
+The judge is ``reward.judge_model`` (a model directory, or ``package.module:function`` with
+``CallableJudge``'s signature) and its question ``reward.judge_question``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError
+
+
+class JudgeReward:
+    """RewardFn: the judge's P(completion better than the row's ``reference``)."""
+
+    __name__ = "judge"
+    required_columns = ("reference",)
+
+    def __init__(self, judge_model: str | None, question: str) -> None:
+        if not judge_model:
+            raise ConfigError("rewards=[judge] needs reward.judge_model=DIR (or "
+                              "package.module:function)")
+        self.spec, self.question = judge_model, question
+        self.judge = self._callable() if self._is_callable() else None
+
+    def _is_callable(self) -> bool:
+        return ":" in self.spec and not Path(self.spec).exists()
+
+    def _callable(self) -> Any:
+        import importlib
+
+        from posttrain.cai.judge import CallableJudge
+
+        module, _, name = self.spec.partition(":")
+        try:
+            return CallableJudge(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"reward.judge_model={self.spec}: cannot import it ({e})") from None
+
+    def _judge(self) -> Any:
+        if self.judge is None:  # a model loads on first use, not while the config is checked
+            from posttrain.cai.judge import ModelJudge
+            from posttrain.models.io import load_model, load_tokenizer
+
+            self.judge = ModelJudge(load_model(self.spec), load_tokenizer(self.spec))
+        return self.judge
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
+                 reference: Sequence[Any] = (), **_: Any) -> list[float | None]:
+        from posttrain.cai.judge import judge_pairs
+
+        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        refs = [_text(r) for r in reference]
+        verdicts = judge_pairs(self._judge(), texts, list(completions), refs,
+                               [self.question] * len(texts))
+        return [v.p_a for v in verdicts]
+
+
+def _text(answer: Any) -> str:
+    if isinstance(answer, list):  # an assistant message list
+        return str(answer[-1]["content"])
+    return str(answer)
