@@ -7,6 +7,11 @@ protocol:
                    probability of its next token: P(A) = softmax(logit_A, logit_B)[0]
                    (not by parsing free text, which a small model gets wrong in many ways)
     CallableJudge  any Python function ``(prompt, first, second, question) -> P(first)``
+    HttpJudge      any OpenAI-compatible chat endpoint (``posttrain serve``, vLLM, a hosted
+                   API): the reply's first letter, A or B, gives P = 1 or 0; retries with
+                   backoff, a timeout and a concurrency limit; a reply that is neither, or a
+                   request that keeps failing, is a counted failure (P = 1/2, so the pair is
+                   dropped as a tie), never a label
 
 Position bias: models prefer an answer for the slot it is in. ``judge_pairs`` asks every
 comparison in both orders and averages, p = (P(a first) + 1 - P(b first)) / 2; when the two
@@ -101,6 +106,75 @@ class ModelJudge:
         logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, -1]
         two = logits[:, list(self.choice_ids)].float()
         return torch.softmax(two, dim=-1)[:, 0].tolist()
+
+
+class HttpJudge:
+    """A judge behind an OpenAI-compatible ``/v1/chat/completions`` endpoint."""
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
+                 timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5,
+                 concurrency: int = 4, template: str = JUDGE_TEMPLATE) -> None:
+        import os
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.template = model, template
+        self.key = os.environ.get(api_key_env, "") if api_key_env else ""
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.concurrency = concurrency
+        self.failures: dict[str, int] = {}  # by kind: unreachable, timeout, http_NNN, malformed
+
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, items))
+
+    def _one(self, c: Comparison) -> float:
+        import time
+
+        body = {"model": self.model, "max_tokens": 1, "temperature": 0.0, "messages": [
+            {"role": "user", "content": self.template.format(
+                question=c.question, prompt=c.prompt, first=c.first, second=c.second)}]}
+        for attempt in range(self.retries + 1):
+            kind, reply = self._post(body)
+            if kind is None:
+                letter = reply.strip()[:1].upper()
+                if letter in ("A", "B"):
+                    return 1.0 if letter == "A" else 0.0
+                kind = "malformed"
+            self._count(kind)
+            if kind.startswith("http_4") or attempt == self.retries:
+                break
+            time.sleep(self.backoff_s * 2**attempt)
+        return 0.5  # no verdict: the pair is dropped as a tie, never mislabelled
+
+    def _post(self, body: dict[str, Any]) -> tuple[str | None, str]:
+        import json
+        import logging
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                reply = json.loads(r.read())["choices"][0]["message"]["content"]
+                return None, str(reply or "")
+        except urllib.error.HTTPError as e:
+            kind = f"http_{e.code}"
+        except TimeoutError:
+            kind = "timeout"
+        except urllib.error.URLError as e:
+            kind = "timeout" if isinstance(e.reason, TimeoutError) else "unreachable"
+        except (ValueError, KeyError, IndexError, TypeError):
+            kind = "malformed"
+        logging.getLogger("posttrain").warning("judge %s: %s", self.url, kind)
+        return kind, ""
+
+    def _count(self, kind: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
 
 
 def _single_token(tokenizer: Any, text: str) -> int:
