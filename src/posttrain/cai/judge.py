@@ -22,11 +22,15 @@ prefers the first slot therefore yields only dropped pairs, never a label.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from posttrain.errors import ConfigError
 
 JUDGE_TEMPLATE = (
     "{question}\n\nRequest: {prompt}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n"
@@ -175,6 +179,37 @@ class HttpJudge:
 
     def _count(self, kind: str) -> None:
         self.failures[kind] = self.failures.get(kind, 0) + 1
+
+
+class LazyJudge:
+    """The judge named by ``spec``: ``package.module:function`` (a ``CallableJudge``, imported
+    at once so a typo fails before any model loads) or a model directory (a ``ModelJudge``,
+    loaded on first use; ``fallback`` = an already loaded (model, tokenizer) used when
+    ``spec`` is empty)."""
+
+    def __init__(self, spec: str | None, what: str,
+                 fallback: Callable[[], tuple[Any, Any]] | None = None) -> None:
+        if not spec and fallback is None:
+            raise ConfigError(f"{what} is required (a model dir or package.module:function)")
+        self.spec, self.fallback = spec, fallback
+        self.judge: Judge | None = None
+        if spec and ":" in spec and not Path(spec).exists():
+            module, _, name = spec.partition(":")
+            try:
+                fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"{what}={spec}: cannot import it ({e})") from None
+            self.judge = CallableJudge(fn)
+
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        if self.judge is None:
+            if self.spec:
+                from posttrain.models.io import load_model, load_tokenizer
+
+                self.judge = ModelJudge(load_model(self.spec), load_tokenizer(self.spec))
+            else:
+                self.judge = ModelJudge(*self.fallback())  # type: ignore[misc]
+        return self.judge.prefer_first(items)
 
 
 def _single_token(tokenizer: Any, text: str) -> int:

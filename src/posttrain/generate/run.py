@@ -363,29 +363,15 @@ class _Feedback:
 
     def __init__(self, cfg: GenerateConfig) -> None:
         from posttrain.cai import load_constitution
+        from posttrain.cai.judge import LazyJudge
 
         self.cfg = cfg
         self.constitution = load_constitution(str(cfg.constitution))
-        self.judge: Any = None
-        spec = cfg.judge_model
-        if spec and ":" in spec and not Path(spec).exists():  # a callable: import it now
-            from posttrain.cai.judge import CallableJudge
-
-            self.judge = CallableJudge(_import_callable(spec))
+        self.model: tuple[Any, Any] | None = None  # the policy, once loaded: the default judge
+        same = cfg.judge_model in (None, cfg.model)
+        self.judge = LazyJudge(None if same else cfg.judge_model, "judge_model",
+                               fallback=lambda: self.model)  # type: ignore[arg-type,return-value]
         self.dropped: dict[str, int] = {}
-
-    def _judge(self, model: Any, tok: Any) -> Any:
-        from posttrain.cai.judge import ModelJudge
-
-        spec = self.cfg.judge_model
-        if self.judge is None:
-            if spec and spec != self.cfg.model:
-                from posttrain.models.io import load_model, load_tokenizer
-
-                self.judge = ModelJudge(load_model(spec), load_tokenizer(spec))
-            else:
-                self.judge = ModelJudge(model, tok)
-        return self.judge
 
     def label(self, chunk: list[tuple[str, Row]], samples: list[list[Sample]], model: Any,
               tok: Any) -> list[Row]:
@@ -402,7 +388,8 @@ class _Feedback:
             principle = self.constitution.sample(random.Random(f"{self.cfg.seed}-{pid}"),
                                                  row.get("category"))
             todo.append((pid, row["prompt"], s[0][0], other[0], principle))
-        verdicts = judge_pairs(self._judge(model, tok), [prompt_text(t[1]) for t in todo],
+        self.model = (model, tok)
+        verdicts = judge_pairs(self.judge, [prompt_text(t[1]) for t in todo],
                                [t[2] for t in todo], [t[3] for t in todo],
                                [t[4].judge for t in todo], self.cfg.min_margin)
         out = []
@@ -420,16 +407,6 @@ class _Feedback:
 
 def prompt_text(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def _import_callable(spec: str) -> Callable[..., float]:
-    import importlib
-
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"judge_model={spec}: cannot import it ({e})") from None
 
 
 SELECT: dict[str, Callable[[GenerateConfig, str, Any, list[Sample]], list[Row]]] = {

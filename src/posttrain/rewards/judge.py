@@ -11,10 +11,7 @@ The judge is ``reward.judge_model`` (a model directory, or ``package.module:func
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from posttrain.errors import ConfigError
 
 
 class JudgeReward:
@@ -24,33 +21,10 @@ class JudgeReward:
     required_columns = ("reference",)
 
     def __init__(self, judge_model: str | None, question: str) -> None:
-        if not judge_model:
-            raise ConfigError("rewards=[judge] needs reward.judge_model=DIR (or "
-                              "package.module:function)")
-        self.spec, self.question = judge_model, question
-        self.judge = self._callable() if self._is_callable() else None
+        from posttrain.cai.judge import LazyJudge
 
-    def _is_callable(self) -> bool:
-        return ":" in self.spec and not Path(self.spec).exists()
-
-    def _callable(self) -> Any:
-        import importlib
-
-        from posttrain.cai.judge import CallableJudge
-
-        module, _, name = self.spec.partition(":")
-        try:
-            return CallableJudge(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"reward.judge_model={self.spec}: cannot import it ({e})") from None
-
-    def _judge(self) -> Any:
-        if self.judge is None:  # a model loads on first use, not while the config is checked
-            from posttrain.cai.judge import ModelJudge
-            from posttrain.models.io import load_model, load_tokenizer
-
-            self.judge = ModelJudge(load_model(self.spec), load_tokenizer(self.spec))
-        return self.judge
+        self.question = question
+        self.judge = LazyJudge(judge_model, "reward.judge_model")
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  reference: Sequence[Any] = (), **_: Any) -> list[float | None]:
@@ -58,7 +32,7 @@ class JudgeReward:
 
         texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
         refs = [_text(r) for r in reference]
-        verdicts = judge_pairs(self._judge(), texts, list(completions), refs,
+        verdicts = judge_pairs(self.judge, texts, list(completions), refs,
                                [self.question] * len(texts))
         return [v.p_a for v in verdicts]
 
