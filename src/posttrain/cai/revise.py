@@ -23,59 +23,42 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from posttrain.errors import ConfigError
+from posttrain.generate.run import ROWS_FILE, RowsConfig
 
 log = logging.getLogger("posttrain")
 
 Message = dict[str, str]
-ROWS_FILE = "rows.jsonl"
 
 
 @dataclass
-class ReviseConfig:
+class ReviseConfig(RowsConfig):
     """Critique -> revise against a constitution: SFT rows with their provenance."""
 
-    RANGES: ClassVar[dict[str, str]] = {
-        "rounds": ">= 1", "temperature": ">= 0", "max_new_tokens": ">= 1",
-        "max_length": ">= 2", "batch_size": ">= 1", "limit": ">= 1"}
+    RANGES: ClassVar[dict[str, str]] = {**RowsConfig.RANGES, "rounds": ">= 1"}
 
     model: str = field(default="tiny", metadata={"help": "the model that answers, critiques "
                                                          "and revises"})
     data: str | None = field(default=None, metadata={
         "help": "prompts: task:NAME, rg:NAME or a file of prompt rows (a 'category' column "
                 "picks principles)"})
-    constitution: str | None = field(default=None, metadata={
-        "help": "the principles: hhh, demo, or a YAML file (docs/cai.md)"})
-    rounds: int = field(default=1, metadata={"help": "critique -> revise rounds per prompt"})
     output_dir: str = field(default="runs/revise", metadata={
         "help": f"rows go to OUTPUT_DIR/{ROWS_FILE} unless output is set"})
-    output: str | None = field(default=None, metadata={"help": "the rows file (.jsonl)"})
-    split: str = field(default="train", metadata={"help": "the data split to read"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     max_new_tokens: int = field(default=128, metadata={"help": "per answer, critique, revision"})
     max_length: int = field(default=2048, metadata={
         "help": "the longest conversation (prompt, answers, critiques) in tokens"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per engine call"})
-    limit: int | None = field(default=None, metadata={"help": "at most this many prompts"})
     seed: int = field(default=0, metadata={"help": "principle draws and sampling"})
-    precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={
-        "help": "fp32: greedy answers are exactly reproducible"})
-    resume: bool = field(default=True, metadata={
-        "help": "continue an output written with the same config"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+    constitution: str | None = field(default=None, metadata={
+        "help": "the principles: hhh, demo, or a YAML file (docs/cai.md)"})
+    rounds: int = field(default=1, metadata={"help": "critique -> revise rounds per prompt"})
 
     def validate(self) -> None:
         if not self.data or not self.constitution:
             raise ConfigError("cai revise needs data=PROMPTS and constitution=NAME|FILE")
-        if self.max_new_tokens >= self.max_length:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} leaves no room in "
-                              f"max_length={self.max_length}")
-
-    @property
-    def path(self) -> Path:
-        return Path(self.output) if self.output else Path(self.output_dir) / ROWS_FILE
+        super().validate()
 
 
 def run_revise(cfg: ReviseConfig) -> Path:
@@ -92,11 +75,11 @@ def run_revise(cfg: ReviseConfig) -> Path:
     from posttrain.models.io import load_model, load_tokenizer
 
     constitution = load_constitution(str(cfg.constitution))  # errors before the model loads
-    rows = load_prompts(cfg)  # type: ignore[arg-type]
+    rows = load_prompts(cfg)
     path = cfg.path
-    done = open_output(cfg, path)  # type: ignore[arg-type]
+    done = open_output(cfg, path)
     tok = load_tokenizer(cfg.model)
-    prompts = encode_prompts(cfg, rows, tok)  # type: ignore[arg-type]
+    prompts = encode_prompts(cfg, rows, tok)
     check_same_prompts(path, prompts, done)
     if done >= len(prompts):
         log.info("cai revise: %s already holds all %d prompts", path, len(prompts))

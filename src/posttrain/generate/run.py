@@ -54,12 +54,53 @@ Sample = tuple[str, float | None, str]
 
 
 @dataclass
-class GenerateConfig:
+class RowsConfig:
+    """What every command that writes rows from a model's answers to prompts shares: the
+    model, the prompts, the output file (resumable) and the generation budget."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "temperature": ">= 0", "max_new_tokens": ">= 1", "max_length": ">= 2",
+        "batch_size": ">= 1", "limit": ">= 1"}
+
+    model: str = field(default="tiny", metadata={"help": "the model that writes the answers"})
+    data: str | None = field(default=None, metadata={
+        "help": "prompts: task:NAME, rg:NAME or a file of prompt rows"})
+    output_dir: str = field(default="runs/generate", metadata={
+        "help": f"the rows go to OUTPUT_DIR/{ROWS_FILE} unless output is set"})
+    output: str | None = field(default=None, metadata={"help": "the rows file (.jsonl)"})
+    split: str = field(default="train", metadata={"help": "the data split to read"})
+    temperature: float = field(default=1.0, metadata={"help": "0 = greedy"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens per answer"})
+    max_length: int = field(default=1024, metadata={
+        "help": "prompt + answer tokens; longer prompts are skipped"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per engine call"})
+    limit: int | None = field(default=None, metadata={"help": "at most this many prompts"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={
+        "help": "fp32: greedy and seeded samples are exactly reproducible"})
+    resume: bool = field(default=True, metadata={
+        "help": "continue an output written with the same config"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("config key 'data' is required (task:NAME, rg:NAME or a file of "
+                              "prompts)")
+        if self.max_new_tokens >= self.max_length:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} leaves no room for a "
+                              f"prompt in max_length={self.max_length}")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output) if self.output else Path(self.output_dir) / ROWS_FILE
+
+
+@dataclass
+class GenerateConfig(RowsConfig):
     """Completions of a prompt dataset, filtered by rewards into SFT or preference rows."""
 
     RANGES: ClassVar[dict[str, str]] = {
-        "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1",
-        "max_length": ">= 2", "batch_size": ">= 1", "limit": ">= 1", "min_reward": "finite",
+        **RowsConfig.RANGES, "n": ">= 1", "top_p": "(0, 1]", "min_reward": "finite",
         "min_margin": ">= 0"}
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "min_reward": Needs("keep", ("best", "passing")),
@@ -70,21 +111,8 @@ class GenerateConfig:
 
     model: str = field(default="tiny", metadata={"help": "the model that writes the "
                                                          "completions (a teacher, to distil)"})
-    data: str | None = field(default=None, metadata={
-        "help": "prompts: task:NAME, rg:NAME or a file of prompt rows"})
-    output_dir: str = field(default="runs/generate", metadata={
-        "help": f"the rows go to OUTPUT_DIR/{ROWS_FILE} unless output is set"})
-    output: str | None = field(default=None, metadata={"help": "the rows file (.jsonl)"})
-    split: str = field(default="train", metadata={"help": "the data split to read"})
     n: int = field(default=4, metadata={"help": "samples per prompt"})
-    temperature: float = field(default=1.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1 = off"})
-    max_new_tokens: int = field(default=128, metadata={"help": "completion token budget"})
-    max_length: int = field(default=1024, metadata={
-        "help": "prompt + completion tokens; longer prompts are skipped"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per engine call"})
-    limit: int | None = field(default=None, metadata={"help": "at most this many prompts"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
     rewards: list[str] = field(default_factory=list, metadata={
         "help": "reward functions / verifiers (docs/rewards.md); auto = by the data"})
     reward_model: str | None = field(default=None, metadata={
@@ -101,16 +129,9 @@ class GenerateConfig:
                 "(default 1)"})
     min_margin: float = field(default=0.0, metadata={
         "help": "keep=pairs: least reward gap; keep=judged: least |judge_p - 1/2|"})
-    precision: Literal["bf16", "fp32"] = field(default="fp32", metadata={
-        "help": "fp32: greedy and seeded samples are exactly reproducible"})
-    resume: bool = field(default=True, metadata={
-        "help": "continue an output written with the same config"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
 
     def validate(self) -> None:
-        if not self.data:
-            raise ConfigError("config key 'data' is required for generate (task:NAME, rg:NAME "
-                              "or a file of prompts)")
+        super().validate()
         if self.keep == "judged":
             if not self.constitution or self.n < 2:
                 raise ConfigError("keep=judged needs constitution=NAME|FILE and n >= 2 "
@@ -120,13 +141,7 @@ class GenerateConfig:
                               f"(e.g. [auto]) or reward_model=DIR")
         if self.keep == "pairs" and self.n < 2:
             raise ConfigError(f"keep=pairs needs n >= 2 samples per prompt, got n={self.n}")
-        if self.max_new_tokens >= self.max_length:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} leaves no room for a "
-                              f"prompt in max_length={self.max_length}")
 
-    @property
-    def path(self) -> Path:
-        return Path(self.output) if self.output else Path(self.output_dir) / ROWS_FILE
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
@@ -168,7 +183,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
 # --- inputs (checked before the model loads) ------------------------------------------------
 
 
-def load_prompts(cfg: GenerateConfig) -> list[Row]:
+def load_prompts(cfg: RowsConfig) -> list[Row]:
     from posttrain.data.prompts import load_prompt_rows
 
     rows = load_prompt_rows(str(cfg.data), cfg.split)[: cfg.limit]
@@ -196,7 +211,7 @@ def prompt_id(index: int, prompt: Any) -> str:
     return f"{index}-{digest[:10]}"
 
 
-def encode_prompts(cfg: GenerateConfig, rows: list[Row], tok: Any) -> list[tuple[str, Row]]:
+def encode_prompts(cfg: RowsConfig, rows: list[Row], tok: Any) -> list[tuple[str, Row]]:
     """(prompt_id, row + ``_ids``) of every prompt that leaves room to generate."""
     from posttrain.data.chat import render_prompt
 
@@ -220,13 +235,13 @@ def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
+def fingerprint(cfg: RowsConfig) -> dict[str, Any]:
     """The options that decide what a prompt's rows are (what a resumed run must share)."""
     d = asdict(cfg)
     return {k: v for k, v in d.items() if k not in _NOT_FINGERPRINTED}
 
 
-def open_output(cfg: GenerateConfig, path: Path) -> int:
+def open_output(cfg: RowsConfig, path: Path) -> int:
     """Prompts already finished in ``path`` (0 for a fresh output); refuses an output written
     under another config, and cuts what follows the last finished batch."""
     meta = meta_path(path)
