@@ -64,34 +64,17 @@ class ReviseConfig(RowsConfig):
 def run_revise(cfg: ReviseConfig) -> Path:
     """Answer, critique and revise every prompt; returns the rows file."""
     from posttrain.cai.constitution import load_constitution
-    from posttrain.generate.run import (
-        append_rows,
-        check_same_prompts,
-        encode_prompts,
-        load_prompts,
-        open_output,
-        progress,
-    )
-    from posttrain.models.io import load_model, load_tokenizer
+    from posttrain.generate.run import load_prompts, write_rows
 
     constitution = load_constitution(str(cfg.constitution))  # errors before the model loads
     rows = load_prompts(cfg)
-    path = cfg.path
-    done = open_output(cfg, path)
-    tok = load_tokenizer(cfg.model)
-    prompts = encode_prompts(cfg, rows, tok)
-    check_same_prompts(path, prompts, done)
-    if done >= len(prompts):
-        log.info("cai revise: %s already holds all %d prompts", path, len(prompts))
-        return path
-    reviser = _Reviser(cfg, constitution, load_model(cfg.model).eval(), tok)
-    with progress(len(prompts), done) as advance:
-        for start in range(done, len(prompts), cfg.batch_size):
-            chunk = prompts[start : start + cfg.batch_size]
-            out = reviser.batch([pid for pid, _ in chunk], [r for _, r in chunk], start)
-            append_rows(path, out, start + len(chunk), chunk[-1][0])
-            advance(len(chunk), len(out))
-    return path
+
+    def batches(model: Any, tok: Any) -> Any:
+        reviser = _Reviser(cfg, constitution, model, tok)
+        return lambda chunk, start: reviser.batch([pid for pid, _ in chunk],
+                                                  [r for _, r in chunk], start)
+
+    return write_rows(cfg, rows, "cai revise", batches)
 
 
 class _Reviser:

@@ -146,37 +146,58 @@ class GenerateConfig(RowsConfig):
 
 def run_generate(cfg: GenerateConfig) -> Path:
     """Generate, filter and append rows; returns the rows file (see the module docstring)."""
-    from posttrain.models.io import load_model, load_tokenizer
-    from posttrain.rollout import KVCacheGenerator, default_stop_ids
-
     rows = load_prompts(cfg)  # every input error is raised before the model loads
     rewards = _rewards(cfg, rows)
     feedback = _Feedback(cfg) if cfg.keep == "judged" else None
+
+    def batches(model: Any, tok: Any) -> BatchFn:
+        from posttrain.rollout import KVCacheGenerator, default_stop_ids
+
+        gen = KVCacheGenerator(model, tok, precision=cfg.precision,
+                               stop_token_ids=default_stop_ids(model, tok))
+
+        def batch(chunk: list[tuple[str, Row]], start: int) -> list[Row]:
+            ro = gen.generate([r["_ids"] for _, r in chunk], cfg.n, _sampling(cfg, start))
+            samples = _score(rewards, tok, [r for _, r in chunk], ro)
+            if feedback is not None:
+                return feedback.label(chunk, samples, model, tok)
+            return [x for (pid, r), s in zip(chunk, samples, strict=True)
+                    for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
+
+        return batch
+
+    path = write_rows(cfg, rows, "generate", batches)
+    if feedback is not None:
+        log.info("generate: AI feedback dropped %s", feedback.dropped or "nothing")
+    return path
+
+
+BatchFn = Callable[[list[tuple[str, Row]], int], list[Row]]
+
+
+def write_rows(cfg: RowsConfig, rows: list[Row], what: str,
+               batches: Callable[[Any, Any], BatchFn]) -> Path:
+    """The resumable loop every row-writing command shares: open (or continue) the output,
+    then for each batch of prompts after the finished ones append ``batch(chunk, start)``'s
+    rows; ``batches(model, tokenizer)`` makes ``batch`` once the model is loaded (it is not
+    loaded when every prompt is done)."""
+    from posttrain.models.io import load_model, load_tokenizer
+
     path = cfg.path
     done = open_output(cfg, path)
     tok = load_tokenizer(cfg.model)
     prompts = encode_prompts(cfg, rows, tok)
     check_same_prompts(path, prompts, done)
     if done >= len(prompts):
-        log.info("generate: %s already holds all %d prompts", path, len(prompts))
+        log.info("%s: %s already holds all %d prompts", what, path, len(prompts))
         return path
-    model = load_model(cfg.model).eval()
-    gen = KVCacheGenerator(model, tok, precision=cfg.precision,
-                           stop_token_ids=default_stop_ids(model, tok))
+    batch = batches(load_model(cfg.model).eval(), tok)
     with progress(len(prompts), done) as advance:
         for start in range(done, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]
-            ro = gen.generate([r["_ids"] for _, r in chunk], cfg.n, _sampling(cfg, start))
-            samples = _score(rewards, tok, [r for _, r in chunk], ro)
-            if feedback is not None:
-                out = feedback.label(chunk, samples, model, tok)
-            else:
-                out = [x for (pid, r), s in zip(chunk, samples, strict=True)
-                       for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
+            out = batch(chunk, start)
             append_rows(path, out, start + len(chunk), chunk[-1][0])
             advance(len(chunk), len(out))
-    if feedback is not None:
-        log.info("generate: AI feedback dropped %s", feedback.dropped or "nothing")
     return path
 
 
