@@ -29,7 +29,7 @@ class FakeCpu:
 def governor(cpu: FakeCpu, cap: int = 2) -> tuple[ThreadGovernor, list[int]]:
     calls: list[int] = []
     return ThreadGovernor(cap, {0, 1}, interval_s=2.0, sample=cpu.sample,
-                          set_threads=calls.append), calls
+                          set_threads=calls.append, clock=lambda: cpu.now.wall), calls
 
 
 def test_free_cores_subtracts_only_other_processes() -> None:

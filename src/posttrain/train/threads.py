@@ -84,9 +84,10 @@ class ThreadGovernor:
 
     def __init__(self, cap: int, cpus: set[int], interval_s: float = 2.0,
                  sample: Callable[[set[int]], CpuSample | None] = read_sample,
-                 set_threads: Callable[[int], None] = torch.set_num_threads) -> None:
+                 set_threads: Callable[[int], None] = torch.set_num_threads,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cap, self.cpus, self.interval_s = cap, cpus, interval_s
-        self._sample, self._set = sample, set_threads
+        self._sample, self._set, self._clock = sample, set_threads, clock
         self.threads = cap
         self._last = sample(cpus)
 
@@ -96,8 +97,10 @@ class ThreadGovernor:
         set by someone else (a pipeline worker starting a stage) and becomes the new cap."""
         if current is not None and current != self.threads:
             self.cap = self.threads = current
-        now = self._sample(self.cpus) if self._last is not None else None
-        if now is None or self._last is None or now.wall - self._last.wall < self.interval_s:
+        if self._last is None or self._clock() - self._last.wall < self.interval_s:
+            return self.threads  # called every step: /proc/stat is read once per interval
+        now = self._sample(self.cpus)
+        if now is None:
             return self.threads
         free = free_cores(self._last, now, len(self.cpus))
         self._last = now
