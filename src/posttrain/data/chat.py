@@ -300,3 +300,8 @@ def render_prompt(tokenizer: Any, prompt: str | Sequence[Message]) -> list[int]:
     if isinstance(prompt, str):
         return _leading_special_ids(tokenizer) + _tokenize(tokenizer, prompt)
     return _tokenize(tokenizer, _render(tokenizer, prompt, generation_prompt=True))
+
+
+def last_text(value: str | Sequence[Message]) -> str:
+    """A prompt's or completion's text: the string itself, or its last message's content."""
+    return value if isinstance(value, str) else str(value[-1]["content"])

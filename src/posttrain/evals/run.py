@@ -153,6 +153,7 @@ def _pairs(cfg: EvalRunConfig) -> Result:
 
 
 def _task(cfg: EvalRunConfig) -> Result:
+    from posttrain.data.chat import last_text
     from posttrain.data.prompts import encode_prompts, load_prompt_rows
     from posttrain.evals.stats import wilson_interval
     from posttrain.models.io import load_model, load_tokenizer
@@ -179,7 +180,7 @@ def _task(cfg: EvalRunConfig) -> Result:
         chunk = encoded[s : s + 64]
         out, texts = score_rollouts(rewards, tok, chunk, gen.generate([r["_ids"] for r in chunk],
                                                                       1, greedy))
-        samples += [{"prompt": _last_text(r["prompt"]), "response": t, "reward": float(total),
+        samples += [{"prompt": last_text(r["prompt"]), "response": t, "reward": float(total),
                      "correct": bool(passed >= 1.0)}
                     for r, t, total, passed in zip(chunk, texts, out.total.tolist(),
                                                    out.per_fn[verifier].tolist(), strict=True)]
@@ -188,10 +189,6 @@ def _task(cfg: EvalRunConfig) -> Result:
     return {"task_accuracy": ci.value, "task_accuracy_low": ci.low,
             "task_accuracy_high": ci.high,
             "task_reward": sum(x["reward"] for x in samples) / n}, samples
-
-
-def _last_text(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 RUNNERS: dict[str, Callable[[EvalRunConfig], Result]] = {

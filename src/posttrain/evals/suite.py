@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from posttrain.data.chat import last_text
 from posttrain.errors import ConfigError, DataError
 from posttrain.evals.refusal import is_refusal
 from posttrain.evals.stats import bootstrap_interval, maj_at_k, pass_at_k, wilson_interval
@@ -328,7 +329,7 @@ def _jailbreak_items(i: int, row: dict[str, Any], meta: dict[str, Any],
                      jb: dict[str, Any]) -> list[Item]:
     from posttrain.evals.jailbreak import expand
 
-    request = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+    request = last_text(row["prompt"])
     variants = expand(request, jb["seed"], jb["kinds"], split=jb["split"],
                       per_kind=jb["per_kind"])
     return [Item(f"{i}-{v.template}-{_digest(v.messages)}", v.messages,

@@ -414,6 +414,7 @@ class _Feedback:
         import random
 
         from posttrain.cai.judge import judge_pairs
+        from posttrain.data.chat import last_text
 
         todo = []
         for (pid, row), s in zip(chunk, samples, strict=True):
@@ -425,7 +426,7 @@ class _Feedback:
                                                  row.get("category"))
             todo.append((pid, row["prompt"], s[0][0], other[0], principle))
         self.model = (model, tok)
-        verdicts = judge_pairs(self.judge, [prompt_text(t[1]) for t in todo],
+        verdicts = judge_pairs(self.judge, [last_text(t[1]) for t in todo],
                                [t[2] for t in todo], [t[3] for t in todo],
                                [t[4].judge for t in todo], self.cfg.min_margin)
         out = []
@@ -439,10 +440,6 @@ class _Feedback:
                         "rejected": _completion(prompt, rejected),
                         "principle": principle.name, "judge_p": max(v.p_a, 1 - v.p_a)})
         return out
-
-
-def prompt_text(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 SELECT: dict[str, Callable[[GenerateConfig, str, Any, list[Sample]], list[Row]]] = {

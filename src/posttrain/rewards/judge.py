@@ -29,15 +29,11 @@ class JudgeReward:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  reference: Sequence[Any] = (), **_: Any) -> list[float | None]:
         from posttrain.cai.judge import judge_pairs
+        from posttrain.data.chat import last_text
 
-        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-        refs = [_text(r) for r in reference]
+        texts = [last_text(p) for p in prompts]
+        refs = [last_text(r) if isinstance(r, str | list) else str(r) for r in reference]
         verdicts = judge_pairs(self.judge, texts, list(completions), refs,
                                [self.question] * len(texts))
         return [v.p_a for v in verdicts]
 
-
-def _text(answer: Any) -> str:
-    if isinstance(answer, list):  # an assistant message list
-        return str(answer[-1]["content"])
-    return str(answer)
