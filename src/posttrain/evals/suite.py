@@ -9,6 +9,13 @@ metrics), a ``kind`` and that kind's keys (``docs/evals.md`` has the full table)
     safety      data (jsonl of {prompt, category, harmful, expected?}), jailbreak ({kinds,
                 split, seed, per_kind}), categories, limit, max_new_tokens -> refusal,
                 over_refusal, helpfulness, jailbreak_success, *_garbage, per category/attack
+    code        data (HumanEval-style rows {prompt, tests, entry_point?}, or ``humaneval``), n,
+                k, temperature, timeout, stop, isolation -> pass@k, every sample run in the
+                sandbox (``evals.suite_kinds``)
+    preference  data (TRL preference rows), reward_model | reference (+ beta) -> accuracy of
+                r(chosen) > r(rejected), or of a DPO policy's implicit reward; margin
+    judge       data (prompts), baseline, judge, question -> win rate against the baseline
+                (wins + ties / 2), both orders asked, order-inconsistent verdicts as ties
     builtin     check (one of ``evals.run.CHECKS``) and that check's keys, passed through
 
 The whole file (keys, types, datasets, categories) is checked before any model is loaded;
@@ -33,6 +40,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +54,19 @@ from posttrain.evals.stats import bootstrap_interval, maj_at_k, pass_at_k, wilso
 log = logging.getLogger("posttrain")
 
 FILES = Path(__file__).parent / "files"
-KINDS = ("verifiable", "safety", "builtin")
+KINDS = ("verifiable", "safety", "code", "preference", "judge", "builtin")
 COMMON = ("name", "kind", "limit", "max_new_tokens")
 KEYS: dict[str, tuple[str, ...]] = {
     "verifiable": ("data", "rewards", "n", "k", "temperature"),
     "safety": ("data", "jailbreak", "categories"),
+    "code": ("data", "n", "k", "temperature", "timeout", "stop", "isolation", "categories"),
+    "preference": ("data", "reward_model", "reference", "beta", "max_length", "categories"),
+    "judge": ("data", "baseline", "judge", "question", "temperature", "min_margin",
+              "categories"),
     "builtin": ("check", "prompts", "max_operand", "reward_model", "reference", "data",
                 "rewards", "precision"),
 }
+NO_GENERATION = ("preference",)  # kinds that score given texts: no max_new_tokens
 JAILBREAK_KEYS = ("kinds", "split", "seed", "per_kind")
 ITEMS_DIR = "items"
 BATCH = 32  # prompts per generation call, and per append to the items file
@@ -79,7 +92,8 @@ class Task:
     kind: str
     spec: dict[str, Any]
     items: list[Item] = field(default_factory=list)
-    rewards: Any = None  # verifiable: the RewardSet
+    rewards: Any = None  # verifiable: the RewardSet; code: the CodeReward
+    judge: Any = None  # judge: the Judge
 
 
 @dataclass
@@ -134,13 +148,14 @@ def _parse_task(path: Path, i: int, raw: Any) -> Task:
     kind = raw.get("kind")
     if kind not in KINDS:
         raise SuiteError(f"{where}: kind: unknown {kind!r}; choose from {', '.join(KINDS)}")
-    allowed = COMMON + KEYS[kind]
+    allowed = tuple(k for k in COMMON if not (kind in NO_GENERATION and k == "max_new_tokens"))
+    allowed += KEYS[kind]
     unknown = [k for k in raw if k not in allowed]
     if unknown:
         raise SuiteError(f"{where}: {unknown[0]}: unknown key for kind {kind}; allowed: "
                          f"{', '.join(allowed)}")
     spec = {k: v for k, v in raw.items() if k not in ("name", "kind")}
-    for key in ("limit", "max_new_tokens", "n"):
+    for key in ("limit", "max_new_tokens", "n", "max_length"):
         if key in spec and (not isinstance(spec[key], int) or spec[key] < 1):
             raise SuiteError(f"{where}: {key}: must be an integer >= 1, got {spec[key]!r}")
     return Task(name, kind, spec)
@@ -154,11 +169,15 @@ def _load_items(path: Path, task: Task, limit: int | None) -> None:
         _load_verifiable(path, where, task, cap)
     elif task.kind == "safety":
         _load_safety(path, where, task, cap)
-    else:
+    elif task.kind == "builtin":
         _check_builtin(where, task)
+    else:
+        from posttrain.evals.suite_kinds import KIND_LOADERS
+
+        KIND_LOADERS[task.kind](path, where, task, cap)
 
 
-def _data_spec(path: Path, where: str, value: Any) -> str:
+def data_spec(path: Path, where: str, value: Any) -> str:
     """``data`` as given: task:/rg: specs pass; a file is found beside the suite first."""
     if not isinstance(value, str) or not value:
         raise SuiteError(f"{where}: data: needs a dataset (task:NAME, rg:NAME or a file)")
@@ -178,15 +197,8 @@ def _load_verifiable(path: Path, where: str, task: Task, cap: int | None) -> Non
     from posttrain.rewards.registry import build_reward_set, check_reward_columns
 
     s = task.spec
-    data = _data_spec(path, where, s.get("data"))
-    n, ks = s.setdefault("n", 1), s.setdefault("k", [1])
-    if not isinstance(ks, list) or not ks or any(not isinstance(k, int) or not 1 <= k <= n
-                                                 for k in ks):
-        raise SuiteError(f"{where}: k: needs a list of integers in [1, n={n}], got {ks!r}")
-    temp = s.setdefault("temperature", 0.0 if n == 1 else 1.0)
-    if not isinstance(temp, int | float) or temp < 0 or (n > 1 and temp == 0):
-        raise SuiteError(f"{where}: temperature: needs a number >= 0 (> 0 when n > 1), "
-                         f"got {temp!r}")
+    data = data_spec(path, where, s.get("data"))
+    check_sampling(where, s)
     rewards = s.setdefault("rewards", ["auto"])
     if not isinstance(rewards, list) or not all(isinstance(r, str) for r in rewards):
         raise SuiteError(f"{where}: rewards: needs a list of reward names, got {rewards!r}")
@@ -199,9 +211,22 @@ def _load_verifiable(path: Path, where: str, task: Task, cap: int | None) -> Non
         check_reward_columns(task.rewards, rows, data)
     except (ConfigError, DataError) as e:
         raise type(e)(f"{where}: data/rewards: {e}") from None
-    task.items = [Item(f"{i}-{_digest(r['prompt'])}", r["prompt"],
+    task.items = [Item(f"{i}-{digest(r['prompt'])}", r["prompt"],
                        {k: v for k, v in r.items() if k != "prompt"})
                   for i, r in enumerate(rows)]
+
+
+def check_sampling(where: str, s: dict[str, Any]) -> None:
+    """``n`` (default 1), ``k`` (a list, each in [1, n]) and ``temperature`` (default 0 =
+    greedy when n = 1, else 1.0; n > 1 needs > 0), defaults filled in."""
+    n, ks = s.setdefault("n", 1), s.setdefault("k", [1])
+    if not isinstance(ks, list) or not ks or any(not isinstance(k, int) or not 1 <= k <= n
+                                                 for k in ks):
+        raise SuiteError(f"{where}: k: needs a list of integers in [1, n={n}], got {ks!r}")
+    temp = s.setdefault("temperature", 0.0 if n == 1 else 1.0)
+    if not isinstance(temp, int | float) or temp < 0 or (n > 1 and temp == 0):
+        raise SuiteError(f"{where}: temperature: needs a number >= 0 (> 0 when n > 1), "
+                         f"got {temp!r}")
 
 
 def _check_builtin(where: str, task: Task) -> None:
@@ -258,23 +283,24 @@ def _check_safety_row(row: Any, at: str) -> dict[str, Any]:
 
 def _load_safety(path: Path, where: str, task: Task, cap: int | None) -> None:
     s = task.spec
-    rows = read_safety_rows(_data_spec(path, where, s.get("data")), where)
+    rows = read_safety_rows(data_spec(path, where, s.get("data")), where)
     cats = s.get("categories")
     if cats is not None:
-        _check_categories(where, cats, rows)
+        check_categories(where, cats, rows)
     rows = _cap_per_group(rows, cap)
     jb = _jailbreak_spec(where, s.get("jailbreak"))
     items = []
     for i, r in enumerate(rows):
         meta = {"category": r["category"], "harmful": r["harmful"], "expected": r["expected"],
                 "attack": "none"}
-        items.append(Item(f"{i}-{_digest(r['prompt'])}", r["prompt"], meta))
+        items.append(Item(f"{i}-{digest(r['prompt'])}", r["prompt"], meta))
         if r["harmful"] and jb is not None:
             items += _jailbreak_items(i, r, meta, jb)
     task.items = items
 
 
-def _check_categories(where: str, cats: Any, rows: list[dict[str, Any]]) -> None:
+def check_categories(where: str, cats: Any, rows: list[dict[str, Any]]) -> None:
+    """``categories`` as declared: each one has rows, and no row has another category."""
     if not isinstance(cats, list) or not cats or not all(isinstance(c, str) for c in cats):
         raise SuiteError(f"{where}: categories: needs a list of category names")
     have = {r["category"] for r in rows}
@@ -332,11 +358,11 @@ def _jailbreak_items(i: int, row: dict[str, Any], meta: dict[str, Any],
     request = last_text(row["prompt"])
     variants = expand(request, jb["seed"], jb["kinds"], split=jb["split"],
                       per_kind=jb["per_kind"])
-    return [Item(f"{i}-{v.template}-{_digest(v.messages)}", v.messages,
+    return [Item(f"{i}-{v.template}-{digest(v.messages)}", v.messages,
                  {**meta, "attack": v.kind, "template": v.template}) for v in variants]
 
 
-def _digest(x: Any) -> str:
+def digest(x: Any) -> str:
     return hashlib.sha1(json.dumps(x, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -481,14 +507,19 @@ def mean_rate(values: Sequence[float], seed: int) -> dict[str, Any]:
     return bootstrap_interval(values, seed=seed).to_dict()
 
 
-def verifiable_metrics(task: Task, recs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-    n = task.spec["n"]
-    out: dict[str, Any] = {}
+def category_groups(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """All records under ``""``, then each category's under ``by_category.<c>.``."""
     groups: dict[str, list[dict[str, Any]]] = {"": recs}
     for r in recs:
         if r.get("category") is not None:
             groups.setdefault(f"by_category.{r['category']}.", []).append(r)
-    for prefix, rs in groups.items():
+    return groups
+
+
+def verifiable_metrics(task: Task, recs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    n = task.spec["n"]
+    out: dict[str, Any] = {}
+    for prefix, rs in category_groups(recs).items():
         for k in task.spec["k"]:
             out[f"{prefix}pass@{k}"] = mean_rate(
                 [pass_at_k(n, sum(r["correct"]), k) for r in rs], seed)
@@ -539,7 +570,7 @@ def fingerprint(task: Task, model: str, seed: int, max_new_tokens: int, precisio
     seed, token budget, precision or task keys recomputes it instead of reusing it (``limit``
     excepted: raising it only adds items)."""
     spec = {k: v for k, v in task.spec.items() if k != "limit"}  # ids decide membership
-    return _digest({"spec": spec, "model": model, "seed": seed,
+    return digest({"spec": spec, "model": model, "seed": seed,
                     "max_new_tokens": max_new_tokens, "precision": precision})
 
 
@@ -560,7 +591,8 @@ def read_done(path: Path, fp: str) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class RunContext:
-    """The eval run's settings and the lazily loaded model."""
+    """The eval run's settings, the lazily loaded model and any other model a task needs
+    (a baseline, a reference, a reward model), each loaded once per run."""
 
     model: str
     out: Path
@@ -568,15 +600,47 @@ class RunContext:
     max_new_tokens: int
     precision: str
     policy: tuple[Any, Any] | None = None
+    others: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def load(self) -> tuple[Any, Any]:
         if self.policy is None:
             self.policy = load_policy(self.model, self.precision)
         return self.policy
 
+    def other(self, role: str, spec: str, loader: Callable[[str, str], Any]) -> Any:
+        """``loader(spec, precision)`` once per (role, spec): the suite's model, when ``spec``
+        names it as a policy, is not loaded twice."""
+        if role == "policy" and spec == self.model:
+            return self.load()
+        if (role, spec) not in self.others:
+            self.others[role, spec] = loader(spec, self.precision)
+        return self.others[role, spec]
+
+
+Records = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a resumable task kind runs. ``prepare`` loads what the task needs once (a failure
+    there, such as a missing model, stops the eval); ``run`` turns a batch of items into their
+    records; ``failed`` is an item's record when running it raised (scored as a failure);
+    ``metrics`` reduces the records to ``{metric: interval or count}``."""
+
+    prepare: Callable[[Task, RunContext], Any]
+    run: Callable[[Task, list[Item], RunContext, Any, int], Records]
+    failed: Callable[[Task, Item, str], dict[str, Any]]
+    metrics: Callable[[Task, Records, int], dict[str, Any]]
+
+
+def kind_of(task: Task) -> Kind:
+    from posttrain.evals.suite_kinds import KIND_RUNNERS
+
+    return {**BASE_KINDS, **KIND_RUNNERS}[task.kind]
+
 
 def run_task(task: Task, ctx: RunContext) -> list[dict[str, Any]]:
-    """Every item's record, generating only those not already in the items file."""
+    """Every item's record, running only those not already in the items file."""
     budget = task.spec.get("max_new_tokens", ctx.max_new_tokens)
     fp = fingerprint(task, ctx.model, ctx.seed, budget, ctx.precision)
     path = ctx.out / ITEMS_DIR / f"{task.name}.jsonl"
@@ -594,20 +658,17 @@ def _run_items(task: Task, todo: list[Item], ctx: RunContext, budget: int, fp: s
                path: Path, done: dict[str, dict[str, Any]]) -> None:
     from tqdm.auto import tqdm
 
-    n = task.spec.get("n", 1)
-    temp = float(task.spec.get("temperature", 0.0))
-    model, tok = ctx.load()
+    kind = kind_of(task)
+    state = kind.prepare(task, ctx)
     bar = tqdm(total=len(todo), desc=f"eval {task.name}", unit="item", leave=False)
     with open(path, "a") as f:
         if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             f.write("\n")  # end a line torn by a kill, or the next record would join it
         for s in range(0, len(todo), BATCH):
             chunk = todo[s:s + BATCH]
-            texts = generate_texts(model, tok, [it.prompt for it in chunk], n=n,
-                                   temperature=temp, max_new_tokens=budget, seed=ctx.seed,
-                                   precision=ctx.precision)
-            for it, t in zip(chunk, texts, strict=True):
-                rec = {"id": it.id, "fp": fp, **_meta(it), **_score(task, it, t)}
+            for it, out in zip(chunk, _run_chunk(kind, task, chunk, ctx, state, budget),
+                               strict=True):
+                rec = {"id": it.id, "fp": fp, **_meta(it), **out}
                 done[it.id] = rec
                 f.write(json.dumps(rec) + "\n")
             f.flush()  # a kill after this line loses nothing of this batch
@@ -615,15 +676,53 @@ def _run_items(task: Task, todo: list[Item], ctx: RunContext, budget: int, fp: s
     bar.close()
 
 
+def _run_chunk(kind: Kind, task: Task, chunk: list[Item], ctx: RunContext, state: Any,
+               budget: int) -> Records:
+    """The batch's records; a batch that raises is rerun one item at a time, and an item
+    that still raises is recorded with ``error`` and scored as a failure, never skipped."""
+    try:
+        return kind.run(task, chunk, ctx, state, budget)
+    except Exception as e:  # noqa: BLE001 - any model, judge or scorer failure is scored
+        if len(chunk) == 1:
+            log.warning("eval suite %s: item %s failed (%r); scored a failure", task.name,
+                        chunk[0].id, e)
+            return [kind.failed(task, chunk[0], f"{type(e).__name__}: {e}")]
+        log.warning("eval suite %s: a batch of %d items failed (%r); retrying one by one",
+                    task.name, len(chunk), e)
+    return [r for it in chunk for r in _run_chunk(kind, task, [it], ctx, state, budget)]
+
+
 def _meta(it: Item) -> dict[str, Any]:
     keep = ("category", "harmful", "attack", "template")
     return {"prompt": it.prompt, **{k: it.meta[k] for k in keep if k in it.meta}}
 
 
-def _score(task: Task, it: Item, texts: list[str | None]) -> dict[str, Any]:
-    if task.kind == "safety":
-        return score_safety(it, texts)
-    return score_verifiable(task, it, texts)
+def _generate_and_score(task: Task, chunk: list[Item], ctx: RunContext, policy: Any,
+                        budget: int) -> Records:
+    model, tok = policy
+    texts = generate_texts(model, tok, [it.prompt for it in chunk], n=task.spec.get("n", 1),
+                           temperature=float(task.spec.get("temperature", 0.0)),
+                           max_new_tokens=budget, seed=ctx.seed, precision=ctx.precision)
+    score = score_safety if task.kind == "safety" else partial(score_verifiable, task)
+    return [score(it, t) for it, t in zip(chunk, texts, strict=True)]
+
+
+def _failed_verifiable(task: Task, it: Item, error: str) -> dict[str, Any]:
+    n = task.spec["n"]
+    return {"responses": [None] * n, "correct": [False] * n, "votes": [None] * n,
+            "error": error}
+
+
+def _failed_safety(task: Task, it: Item, error: str) -> dict[str, Any]:
+    return {**score_safety(it, [None]), "error": error}
+
+
+BASE_KINDS = {
+    "verifiable": Kind(lambda t, ctx: ctx.load(), _generate_and_score, _failed_verifiable,
+                       verifiable_metrics),
+    "safety": Kind(lambda t, ctx: ctx.load(), _generate_and_score, _failed_safety,
+                   lambda t, recs, seed: safety_metrics(recs)),
+}
 
 
 def run_builtin(task: Task, cfg: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -652,8 +751,7 @@ def run_suite(suite: Suite, cfg: Any) -> tuple[dict[str, Any], list[dict[str, An
             m, recs = run_builtin(task, cfg)
         else:
             recs = run_task(task, ctx)
-            m = (safety_metrics(recs) if task.kind == "safety"
-                 else verifiable_metrics(task, recs, cfg.seed))
+            m = kind_of(task).metrics(task, recs, cfg.seed)
         metrics |= {f"{task.name}.{k}": v for k, v in m.items()}
         samples += [{"task": task.name, **r} for r in recs]
     return metrics, samples
