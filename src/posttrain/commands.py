@@ -66,4 +66,7 @@ COMMANDS: dict[str, Command] = {
     "cai label": Command("AI feedback (RLAIF): two answers judged under a constitution, both "
                          "orders -> preference rows", "posttrain.cai.label", "LabelConfig",
                          "run_generate"),
+    "redteam": Command("automated red-teaming: jailbreak templates and/or an attacker model "
+                       "against a target; successes, success rates, DPO pairs",
+                       "posttrain.redteam.run", "RedteamConfig", "run_redteam"),
 }
