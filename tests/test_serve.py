@@ -2,13 +2,16 @@
 client over loopback against a real uvicorn server (tiny model, CPU).
 
 The in-process server wraps the engine in ``_Gated``, which counts engine calls, can hold a
-call until the test releases it (so concurrent requests are provably queued behind it), and
-can fail on demand (a model error must give a 500 and leave the server serving).
+call until the test releases it (so concurrent requests are provably queued behind it), can
+fail on demand (a model error must give a 500 and leave the server serving), and runs
+``step_hook`` after each decode step (to order what the client sees against what the engine
+does, without timing anything).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import signal
@@ -17,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +35,8 @@ from posttrain.data.chat import render_prompt
 from posttrain.errors import PosttrainError
 from posttrain.models.tiny import build_model, build_tokenizer
 from posttrain.rollout import KVCacheGenerator, Rollouts, SamplingParams, default_stop_ids
-from posttrain.serve.app import _Choice, create_app
+from posttrain.rollout.engine import DecodeStep
+from posttrain.serve.app import _TextStream, create_app
 from posttrain.serve.batcher import Batcher
 
 NAME = "tiny-test"
@@ -48,14 +53,24 @@ class _Gated:
         self.gate, self.entered = threading.Event(), threading.Event()
         self.gate.set()
         self.fail_on: str | None = None
+        self.step_hook: Callable[[int], None] | None = None  # called with the step's number
 
-    def generate(self, prompts, n, sampling):  # noqa: ANN001, ANN201
+    def generate(self, prompts, n, sampling, on_step=None):  # noqa: ANN001, ANN201
         self.calls.append([list(p) for p in prompts])
         self.entered.set()
         assert self.gate.wait(WAIT_S), "the test never opened the gate"
         if self.fail_on and any(self.fail_on in self.tok.decode(p) for p in prompts):
             raise RuntimeError("simulated model failure")
-        return self.inner.generate(prompts, n, sampling)
+        if on_step is None:
+            return self.inner.generate(prompts, n, sampling)
+        hook, steps = self.step_hook, itertools.count(1)
+
+        def step(s: DecodeStep) -> None:
+            on_step(s)
+            if hook is not None:
+                hook(next(steps))
+
+        return self.inner.generate(prompts, n, sampling, on_step=step)
 
 
 def _free_socket() -> socket.socket:
@@ -405,12 +420,210 @@ def test_batcher_routes_engine_errors_and_keeps_running() -> None:
         b.close()
 
 
+def _pieces(tok, text: str, stops: tuple[str, ...] = ()) -> tuple[list[str], _TextStream]:  # noqa: ANN001
+    """``text`` tokenised and pushed one token at a time: the non-empty pieces released."""
+    ts = _TextStream(tok, frozenset(), stops)
+    pieces = [ts.push([t]) for t in tok.encode(text, add_special_tokens=False)]
+    return [p for p in pieces if p], ts
+
+
 def test_stream_pieces_split_at_characters(server: SimpleNamespace) -> None:
-    """Multi-byte characters span several byte tokens: a piece never ends inside one."""
+    """Multi-byte characters span several byte tokens: a piece never ends inside one, and
+    each character leaves as soon as its last byte is sampled."""
     text = "héllo wörld ✓ 你好"
-    toks = server.tok.encode(text, add_special_tokens=False)
-    pieces = list(server.app.state.server.pieces(_Choice(text, "length", toks)))
-    assert "".join(pieces) == text and pieces == list(text)
+    pieces, ts = _pieces(server.tok, text)
+    assert pieces == list(text) and ts.rest(text) == ""
+
+
+def test_stream_pieces_hold_back_stop_strings(server: SimpleNamespace) -> None:
+    # what may become a stop string is held back, and nothing from a stop string on leaves
+    pieces, ts = _pieces(server.tok, "hello world, hello", stops=("lo w", "xyz!"))
+    assert "".join(pieces) == "hel" and ts.cut
+    assert ts.rest("hel") == ""
+    # a stop string that never completes: the held-back tail leaves at the end
+    pieces, ts = _pieces(server.tok, "say xy", stops=("xyz!",))
+    assert "".join(pieces) == "say" and ts.rest("say xy") == " xy"
+    # a stop token has no text
+    ts = _TextStream(server.tok, frozenset({7}), ())
+    assert ts.push([*server.tok.encode("ok", add_special_tokens=False), 7]) == "ok"
+
+
+def test_engine_reports_every_step(server: SimpleNamespace) -> None:
+    """``on_step`` sees exactly the tokens, log-probs and stops the Rollouts hold."""
+    gen = KVCacheGenerator(server.model, server.tok, stop_token_ids=server.stops)
+    prompts = [render_prompt(server.tok, _chat(c)) for c in ["hi", "count slowly"]]
+    full, _, _ = _engine_text(server, prompts[0], 10)
+    stop = next(ch for ch in full[3:] if ch.isprintable() and ch != " ")
+    steps: list[DecodeStep] = []
+    sp = SamplingParams(temperature=0, max_new_tokens=10, stop_strings=(stop,))
+    ro = gen.generate(prompts, 2, sp, on_step=steps.append)
+    toks: list[list[int]] = [[] for _ in range(4)]
+    lps: list[list[float]] = [[] for _ in range(4)]
+    stopped: set[int] = set()
+    for st in steps:
+        assert not stopped & set(st.rows)  # a stopped row gets no more tokens
+        for r, t, lp in zip(st.rows, st.tokens, st.logprobs, strict=True):
+            toks[r].append(t)
+            lps[r].append(lp)
+        stopped |= set(st.stopped)
+    assert toks == ro.completion_ids and lps == ro.logprobs
+    assert stopped == {k for k, r in enumerate(ro.finish_reasons) if r == "stop"}
+    assert stopped and len(stopped) < 4  # some rows stopped early, some ran to the budget
+    assert ro.completion_ids == gen.generate(prompts, 2, sp).completion_ids
+
+
+def test_stream_sends_tokens_while_the_engine_decodes(server: SimpleNamespace,
+                                                      client: openai.OpenAI) -> None:
+    """The engine stops at its 4th step until the client has read a content chunk (or
+    WAIT_S has passed): the first text must reach the client before decoding goes on."""
+    events: list[str] = []
+    seen = threading.Event()
+
+    def hook(step: int) -> None:
+        events.append(f"step {step}")
+        if step == 4:
+            events.append("engine waits" if seen.wait(WAIT_S) else "engine timed out")
+
+    kw = {"model": NAME, "messages": _chat("count slowly"), "temperature": 0, "max_tokens": 24}
+    server.gen.step_hook = hook
+    try:
+        text = ""
+        for c in client.chat.completions.create(**kw, stream=True):
+            if c.choices and c.choices[0].delta.content:
+                if not seen.is_set():
+                    events.append("client reads text")
+                    seen.set()
+                text += c.choices[0].delta.content
+    finally:
+        server.gen.step_hook = None
+    assert events.index("client reads text") < events.index("step 5")
+    assert "engine waits" in events and events[-1] == "step 24"
+    assert text == client.chat.completions.create(**kw).choices[0].message.content
+
+
+def test_streaming_n_and_stop_strings_equal_plain(server: SimpleNamespace,
+                                                  client: openai.OpenAI) -> None:
+    full, _, _ = _engine_text(server, render_prompt(server.tok, _chat("hi")), 16)
+    stop = next(ch for ch in full[2:] if ch.isprintable() and ch != " ")
+    kw = {"model": NAME, "messages": _chat("hi"), "temperature": 1.0, "seed": 11, "n": 3,
+          "max_tokens": 16, "stop": [stop, "zz"]}
+    plain = client.chat.completions.create(**kw)
+    texts, finishes = ["", "", ""], [None, None, None]
+    for c in client.chat.completions.create(**kw, stream=True):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            finishes[ch.index] = finishes[ch.index] or ch.finish_reason
+    assert texts == [c.message.content for c in plain.choices]
+    assert finishes == [c.finish_reason for c in plain.choices]
+    comp = {"model": NAME, "prompt": ["2+2=", "abc"], "temperature": 0, "max_tokens": 10,
+            "n": 2}
+    plain_c = client.completions.create(**comp)
+    streamed = ["", "", "", ""]
+    for c in client.completions.create(**comp, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] += ch.text
+    assert streamed == [c.text for c in plain_c.choices]
+
+
+def test_client_disconnect_mid_stream(server: SimpleNamespace, client: openai.OpenAI) -> None:
+    failed = server.batcher.stats.failed_calls
+    body = {"messages": _chat("count slowly"), "max_tokens": 64, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        first = next(line for line in r.iter_lines() if '"content": "' in line
+                     and '"content": ""' not in line)
+    assert first.startswith("data: ")  # the client hung up after its first text
+    r = client.chat.completions.create(model=NAME, messages=_chat("hi"), max_tokens=4)
+    assert r.usage.completion_tokens > 0
+    assert server.batcher.stats.failed_calls == failed
+
+
+def test_engine_failure_mid_stream_is_an_error_event(server: SimpleNamespace,
+                                                     client: openai.OpenAI) -> None:
+    def hook(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("simulated failure mid-stream")
+
+    server.gen.step_hook = hook
+    try:
+        got = ""
+        with pytest.raises(openai.APIError, match="mid-stream"):
+            for c in client.chat.completions.create(model=NAME, messages=_chat("hi"),
+                                                    max_tokens=20, stream=True):
+                got += (c.choices[0].delta.content or "") if c.choices else ""
+    finally:
+        server.gen.step_hook = None
+    assert got  # text had been streamed before the failure
+    r = client.chat.completions.create(model=NAME, messages=_chat("hi"), max_tokens=4)
+    assert r.usage.completion_tokens > 0
+
+
+def test_batcher_answers_a_short_request_before_the_call_ends(server: SimpleNamespace) -> None:
+    """Two greedy requests share one call; the one with the smaller budget is answered while
+    the engine still decodes the other (the engine waits at step 8 until it is), with the
+    tokens the engine gives it alone."""
+    events: list[str] = []
+    answered = threading.Event()
+    gen = _Gated(KVCacheGenerator(server.model, server.tok), server.tok)
+
+    def hook(step: int) -> None:
+        events.append(f"step {step}")
+        if step == 8:
+            answered.wait(WAIT_S)
+
+    gen.step_hook = hook
+    prompts = [render_prompt(server.tok, _chat(c)) for c in ["hi", "count slowly"]]
+    short = SamplingParams(temperature=0, max_new_tokens=3, stop_token_ids=server.stops)
+    long = replace(short, max_new_tokens=20)
+
+    async def run(b: Batcher) -> tuple[Rollouts, Rollouts]:
+        async def ask_short() -> Rollouts:
+            ro = await b.generate([prompts[0]], 1, short)
+            events.append("short answered")
+            answered.set()
+            return ro
+
+        gen.gate.clear()  # a plug call holds the worker until both requests are queued
+        plug = asyncio.ensure_future(b.generate([[9]], 1, replace(short, max_new_tokens=1)))
+        while not gen.entered.is_set():
+            await asyncio.sleep(0.001)
+        tasks = [asyncio.ensure_future(ask_short()),
+                 asyncio.ensure_future(b.generate([prompts[1]], 1, long))]
+        while b.pending() < 2:
+            await asyncio.sleep(0.001)
+        gen.gate.set()
+        await plug
+        return tuple(await asyncio.gather(*tasks))
+
+    b = Batcher(gen, wait_s=0.0)
+    b.start()
+    try:
+        ro_short, ro_long = asyncio.run(run(b))
+    finally:
+        b.close()
+    assert [len(c) for c in gen.calls] == [1, 2]  # the plug, then one shared call
+    assert events.index("short answered") < events.index("step 9")
+    alone = KVCacheGenerator(server.model, server.tok)
+    for ro, sp, p in [(ro_short, short, prompts[0]), (ro_long, long, prompts[1])]:
+        want = alone.generate([p], 1, sp)
+        assert (ro.completion_ids, ro.finish_reasons) == (want.completion_ids,
+                                                           want.finish_reasons)
+
+
+def test_batcher_stream_without_engine_steps() -> None:
+    """An engine without ``on_step``: the stream gets all tokens when its call returns."""
+    fake = _Fake()
+    b = Batcher(fake, wait_s=0.0)
+    b.start()
+
+    async def collect() -> list:
+        return [item async for item in b.stream([[1, 2]], 2, SamplingParams(max_new_tokens=3))]
+
+    try:
+        items = asyncio.run(collect())
+    finally:
+        b.close()
+    assert items[0] == {0: [1, 2, 3], 1: [1, 2, 3]} and isinstance(items[1], Rollouts)
+    assert len(items) == 2 and items[1].completion_ids == [[1, 2, 3]] * 2
 
 
 # --- the command line ---------------------------------------------------------------------

@@ -13,12 +13,16 @@ written in place, where ``DynamicCache`` concatenates (copies) every layer's key
 at every step. On CPU it holds fp32, the dtype posttrain's attention computes in there
 (``models/attention.py``), so no step re-casts the cache. The generator switches sdpa/eager
 models to that attention (identical results in fp32; see its module doc).
+
+``generate(..., on_step=fn)`` calls ``fn(DecodeStep)`` after every decode step with the
+tokens just sampled (how ``posttrain serve`` streams); without it the loop does no extra work.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +52,22 @@ def default_stop_ids(model: nn.Module, tokenizer: Any | None = None) -> tuple[in
         ids.update(i for i in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer))
                    if i is not None)
     return tuple(sorted(ids))
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """The tokens one decode step sampled: completion ``rows[i]`` (``k = prompt * n + sample``,
+    as in ``Rollouts``) got ``tokens[i]`` with ``logprobs[i]``. ``stopped`` are the rows that
+    this token ended (a stop token or a completed stop string); a row that is in neither list
+    any more has finished, and a row still running after ``max_new_tokens`` steps ends there."""
+
+    rows: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    stopped: list[int]
+
+
+StepCallback = Callable[[DecodeStep], None]
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -142,7 +162,9 @@ class KVCacheGenerator:
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int,
-                 sampling: SamplingParams) -> Rollouts:
+                 sampling: SamplingParams, on_step: StepCallback | None = None) -> Rollouts:
+        """``on_step``, when given, is called in this thread after each decode step (an
+        exception it raises ends the call)."""
         if not prompt_token_ids or any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
         if sampling.stop_strings and self.tokenizer is None:
@@ -152,7 +174,7 @@ class KVCacheGenerator:
         self.model.eval()
         try:
             with autocast_context(self.precision, self._device):
-                out = self._generate(prompt_token_ids, n, sampling)
+                out = self._generate(prompt_token_ids, n, sampling, on_step)
         finally:
             self.model.train(was_training)
         dt = time.perf_counter() - t0
@@ -189,7 +211,8 @@ class KVCacheGenerator:
                             logits_to_keep=1).logits
         return cache, mask, logits[:, -1], prealloc
 
-    def _generate(self, prompts: Sequence[Sequence[int]], n: int, sp: SamplingParams) -> Rollouts:
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, sp: SamplingParams,
+                  on_step: StepCallback | None) -> Rollouts:
         dev, width = self._device, max(map(len, prompts))
         cache, mask, logits, prealloc = self._prefill(prompts, sp.max_new_tokens)
         cache.batch_repeat_interleave(n)  # the prompt's K/V, computed once, for n samples
@@ -208,15 +231,19 @@ class KVCacheGenerator:
         for step in range(sp.max_new_tokens):
             tok, lp = sample_tokens(logits, sp.temperature, sp.top_k, sp.top_p, gen)
             done = torch.isin(tok, stop_ids) & alive
-            for slot, r, t, logp in zip(alive.nonzero().squeeze(-1).tolist(),
-                                     rows[alive].tolist(), tok[alive].tolist(),
-                                     lp[alive].tolist(), strict=True):
+            live_rows, live_toks, live_lps = (rows[alive].tolist(), tok[alive].tolist(),
+                                              lp[alive].tolist())
+            for slot, r, t, logp in zip(alive.nonzero().squeeze(-1).tolist(), live_rows,
+                                        live_toks, live_lps, strict=True):
                 toks[r].append(t)
                 lps[r].append(logp)
                 if sp.stop_strings and not done[slot] and self._hit_stop_string(toks[r], sp):
                     done[slot] = True
-            for r in rows[done].tolist():
+            stopped = rows[done].tolist()
+            for r in stopped:
                 reasons[r] = "stop"
+            if on_step is not None:
+                on_step(DecodeStep(live_rows, live_toks, live_lps, stopped))
             alive &= ~done
             if not alive.any() or step == sp.max_new_tokens - 1:
                 break

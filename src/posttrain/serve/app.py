@@ -11,18 +11,21 @@ error, ours or the framework's (bad JSON, unknown route), leaves in OpenAI's sha
 generation itself fails. Neither stops the server. Generation goes through ``Batcher``, so
 concurrent requests share engine calls.
 
-Streaming sends the completion as SSE chunks of one token's text each (a multi-byte
-character waits for its last byte), then ``data: [DONE]``. The engine returns a call's
-completions when the call ends, so the chunks leave together at the end rather than as each
-token is sampled; the stream's concatenated text always equals the non-streamed text.
+Streaming sends each token's text as an SSE chunk as soon as the engine has sampled it
+(``Batcher.stream``); a piece is held back while it ends inside a multi-byte character or
+could be the start of a stop string, and the stream's concatenated text equals the
+non-streamed text. The response starts (200) with the first sampled tokens, so a request the
+engine fails on at once is still a plain 500; a failure after that ends the stream with an
+error event.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,7 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from posttrain.data.chat import render_prompt
 from posttrain.errors import DataError, PosttrainError
 from posttrain.rollout.protocol import Generator, Rollouts, SamplingParams
-from posttrain.serve.batcher import DEFAULT_WAIT_S, Batcher
+from posttrain.serve.batcher import DEFAULT_WAIT_S, Batcher, TokenUpdate
+
+log = logging.getLogger("posttrain")
 
 # OpenAI's defaults where a request gives no max_tokens (legacy completions: 16); both are
 # cut to the context window left after the prompt.
@@ -184,7 +189,6 @@ class CompletionRequest(_SamplingRequest):
 class _Choice:
     text: str
     finish_reason: str
-    tokens: list[int]  # the completion's tokens behind ``text`` (no stop token)
 
 
 @dataclass
@@ -245,31 +249,78 @@ class ServerState:
         cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        return _Choice(text, reason, toks)
-
-    def pieces(self, c: _Choice) -> Iterator[str]:
-        """``c.text`` in per-token pieces for streaming (held back while a token ends inside
-        a multi-byte character); incremental decoding over a sliding window, as TGI does."""
-        sent, prefix, read = 0, 0, 0
-        for k in range(1, len(c.tokens) + 1):
-            if sent >= len(c.text):
-                return
-            prev = self.tokenizer.decode(c.tokens[prefix:read], **_DECODE)
-            cur = self.tokenizer.decode(c.tokens[prefix:k], **_DECODE)
-            if len(cur) > len(prev) and not cur.endswith("\ufffd"):
-                end = min(sent + len(cur) - len(prev), len(c.text))
-                yield c.text[sent:end]
-                sent, prefix, read = end, read, k
-        if sent < len(c.text):
-            yield c.text[sent:]
+        return _Choice(text, reason)
 
     async def generate(self, prompts: list[list[int]], n: int,
                        sampling: SamplingParams) -> Rollouts:
         try:
             return await self.batcher.generate(prompts, n, sampling)
         except Exception as e:
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                           kind="server_error") from e
+            raise _generation_failed(e) from e
+
+    async def open_stream(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                          ) -> tuple[AsyncIterator[TokenUpdate | Rollouts], TokenUpdate | Rollouts]:
+        """The request's token stream and its first item, awaited here so that a request
+        that fails before any token is answered with a plain 500."""
+        items = self.batcher.stream(prompts, n, sampling)
+        try:
+            return items, await anext(items)
+        except Exception as e:
+            raise _generation_failed(e) from e
+
+    def text_stream(self, stops: Sequence[str]) -> _TextStream:
+        return _TextStream(self.tokenizer, frozenset(self.stop_token_ids), tuple(stops))
+
+
+def _generation_failed(e: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+
+
+class _TextStream:
+    """One completion's text as its tokens arrive, in pieces that never end inside a
+    multi-byte character, never hold what may yet become a stop string, and stop before one.
+
+    Detokenising is incremental over a sliding window (as TGI does): the text of the tokens
+    since the last complete character, minus the text already read."""
+
+    def __init__(self, tokenizer: Any, stop_ids: frozenset[int], stops: tuple[str, ...]):
+        self.tokenizer, self.stop_ids, self.stops = tokenizer, stop_ids, stops
+        self.hold = max(map(len, stops), default=1) - 1  # a stop string's longest proper prefix
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far
+        self.prefix = self.read = 0  # window: ids[prefix:read] decode to the text's tail
+        self.sent, self.cut = 0, False
+
+    def push(self, ids: Sequence[int]) -> str:
+        """The new text that is safe to send after ``ids`` (possibly empty)."""
+        self.ids.extend(t for t in ids if t not in self.stop_ids)  # a stop token has no text
+        prev = self.tokenizer.decode(self.ids[self.prefix:self.read], **_DECODE)
+        cur = self.tokenizer.decode(self.ids[self.prefix:], **_DECODE)
+        if len(cur) > len(prev) and not cur.endswith("\ufffd"):
+            self.text += cur[len(prev):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release()
+
+    def _release(self) -> str:
+        if self.cut:
+            return ""
+        hit = min((i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0),
+                  default=-1)
+        end = hit if hit >= 0 else len(self.text) - self.hold
+        self.cut = hit >= 0
+        if end <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+    def rest(self, final: str) -> str:
+        """What remains to send once the completion's ``final`` text is known."""
+        sent = self.text[:self.sent]
+        if final.startswith(sent):
+            return final[len(sent):]
+        # Not seen with byte-level BPE tokenizers; the text already sent cannot be taken back.
+        log.warning("streamed text %r is not a prefix of the final text %r", sent, final)
+        return ""
 
 
 def _usage(ro: Rollouts) -> dict[str, int]:
@@ -283,11 +334,63 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _stream(events: Iterator[str]) -> StreamingResponse:
+@dataclass
+class _Chunks:
+    """SSE chunks of one streamed request: ``chat.completion.chunk`` (a role delta, then
+    content deltas) or ``text_completion`` objects."""
+
+    head: dict
+    chat: bool
+
+    def opening(self, i: int) -> str | None:
+        return self._choice(i, {"role": "assistant", "content": ""}) if self.chat else None
+
+    def piece(self, i: int, text: str) -> str:
+        return self._choice(i, {"content": text} if self.chat else text)
+
+    def end(self, i: int, finish: str) -> str:
+        return self._choice(i, {} if self.chat else "", finish)
+
+    def usage(self, usage: dict) -> str:
+        return _sse({**self.head, "choices": [], "usage": usage})
+
+    def _choice(self, i: int, body: dict | str, finish: str | None = None) -> str:
+        key = "delta" if self.chat else "text"
+        return _sse({**self.head, "choices": [{"index": i, key: body, "logprobs": None,
+                                               "finish_reason": finish}]})
+
+
+async def _stream(srv: ServerState, req: _SamplingRequest, prompts: list[list[int]],
+                  sampling: SamplingParams, chunks: _Chunks) -> StreamingResponse:
+    """Stream the request's completions token by token as the engine samples them."""
+    items, first = await srv.open_stream(prompts, req.n, sampling)
+    k = len(prompts) * req.n
+    texts = [srv.text_stream(req.stop) for _ in range(k)]
+
     async def body() -> AsyncIterator[str]:
-        for e in events:
-            yield e
-        yield "data: [DONE]\n\n"
+        try:
+            for i in range(k):
+                if (opening := chunks.opening(i)) is not None:
+                    yield opening
+            item = first
+            while not isinstance(item, Rollouts):
+                for i, ids in sorted(item.items()):
+                    if piece := texts[i].push(ids):
+                        yield chunks.piece(i, piece)
+                item = await anext(items)
+            for i, c in enumerate(srv.choices(item, req.stop)):
+                if rest := texts[i].rest(c.text):
+                    yield chunks.piece(i, rest)
+                yield chunks.end(i, c.finish_reason)
+            if _include_usage(req):
+                yield chunks.usage(_usage(item))
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the engine failed mid-stream: an error event ends it
+            err = _generation_failed(e)
+            yield _sse({"error": {"message": err.message, "type": err.kind, "param": None,
+                                  "code": None}})
+        finally:
+            await items.aclose()  # a client that went away stops the sending
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -308,32 +411,16 @@ async def _chat(srv: ServerState, req: ChatRequest) -> Any:
     except DataError as e:
         raise RequestError(400, str(e), param="messages") from None
     sampling = srv.sampling(req, [prompt], DEFAULT_CHAT_MAX_TOKENS)
-    ro = await srv.generate([prompt], req.n, sampling)
-    choices, usage = srv.choices(ro, req.stop), _usage(ro)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": srv.model_name}
     if req.stream:
-        return _stream(_chat_chunks(srv, head, choices, usage if _include_usage(req) else None))
+        chunks = _Chunks({**head, "object": "chat.completion.chunk"}, chat=True)
+        return await _stream(srv, req, [prompt], sampling, chunks)
+    ro = await srv.generate([prompt], req.n, sampling)
+    choices, usage = srv.choices(ro, req.stop), _usage(ro)
     return {**head, "object": "chat.completion", "usage": usage, "choices": [
         {"index": i, "message": {"role": "assistant", "content": c.text},
          "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)]}
-
-
-def _chat_chunks(srv: ServerState, head: dict, choices: list[_Choice],
-                 usage: dict | None) -> Iterator[str]:
-    head = {**head, "object": "chat.completion.chunk"}
-
-    def chunk(i: int, delta: dict, finish: str | None = None) -> str:
-        return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                          "finish_reason": finish}]})
-
-    for i, c in enumerate(choices):
-        yield chunk(i, {"role": "assistant", "content": ""})
-        for piece in srv.pieces(c):
-            yield chunk(i, {"content": piece})
-        yield chunk(i, {}, c.finish_reason)
-    if usage is not None:
-        yield _sse({**head, "choices": [], "usage": usage})
 
 
 # --- completions -------------------------------------------------------------------------
@@ -360,30 +447,15 @@ async def _completions(srv: ServerState, req: CompletionRequest) -> Any:
     srv.check_supported(req)
     prompts = _completion_prompts(srv, req.prompt)
     sampling = srv.sampling(req, prompts, DEFAULT_COMPLETION_MAX_TOKENS)
-    ro = await srv.generate(prompts, req.n, sampling)
-    choices, usage = srv.choices(ro, req.stop), _usage(ro)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": srv.model_name}
     if req.stream:
-        return _stream(_completion_chunks(srv, head, choices,
-                                          usage if _include_usage(req) else None))
+        return await _stream(srv, req, prompts, sampling, _Chunks(head, chat=False))
+    ro = await srv.generate(prompts, req.n, sampling)
+    choices, usage = srv.choices(ro, req.stop), _usage(ro)
     return {**head, "usage": usage, "choices": [
         {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
         for i, c in enumerate(choices)]}
-
-
-def _completion_chunks(srv: ServerState, head: dict, choices: list[_Choice],
-                       usage: dict | None) -> Iterator[str]:
-    def chunk(i: int, text: str, finish: str | None = None) -> str:
-        return _sse({**head, "choices": [{"index": i, "text": text, "logprobs": None,
-                                          "finish_reason": finish}]})
-
-    for i, c in enumerate(choices):
-        for piece in srv.pieces(c):
-            yield chunk(i, piece)
-        yield chunk(i, "", c.finish_reason)
-    if usage is not None:
-        yield _sse({**head, "choices": [], "usage": usage})
 
 
 # --- the app -----------------------------------------------------------------------------
