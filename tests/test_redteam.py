@@ -377,7 +377,10 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert "no harmful request" in error_line(capsys, f"data={benign}", out)
     assert "kinds: unknown transformation rot13" in error_line(
         capsys, "data=safety", "kinds=[roleplay,rot13]", out)
-    assert "attempts=2 has no effect" in error_line(capsys, "data=safety", "attempts=2", out)
+    assert "attempts=2 has no effect with attacker=templates" in error_line(
+        capsys, "data=safety", "attempts=2", out)
+    assert "attacker_prompt=Hi has no effect" in error_line(capsys, "data=safety",
+                                                            "attacker_prompt=Hi", out)
     assert "kinds=" in error_line(capsys, "data=safety", f"attacker={nano_dir}",
                                   "kinds=[prefix]", out)
     assert "revise=true has no effect" in error_line(capsys, "data=safety", "revise=true", out)
@@ -393,5 +396,7 @@ def test_the_options_load_from_the_command_line() -> None:
     cfg = load_config(RedteamConfig, None, ["data=safety", "attacker=[templates,runs/a]",
                                             "to_preferences=true", "revise=true"])
     assert cfg.attacker_models == ["runs/a"] and cfg.search_part().revise
+    with pytest.raises(ConfigError, match="needs a {request} placeholder"):
+        load_config(RedteamConfig, None, ["data=safety", "attacker=m", "attacker_prompt=Hi"])
     with pytest.raises(ConfigError, match="listed twice"):
         load_config(RedteamConfig, None, ["data=safety", "attacker=[templates,templates]"])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from posttrain.redteam.config import TEMPLATES, RedteamConfig
+from posttrain.redteam.config import ATTACKER_PROMPT, TEMPLATES, RedteamConfig
 
 Message = dict[str, str]
 
@@ -66,8 +66,8 @@ class ModelSource:
 
         model, tok = self._load()
         c = self.cfg
-        asks = [[{"role": "user", "content": c.attacker_prompt.format(request=r)}]
-                for r in requests]
+        ask = c.attacker_prompt or ATTACKER_PROMPT
+        asks = [[{"role": "user", "content": ask.replace("{request}", r)}] for r in requests]
         texts = generate_texts(model, tok, asks, n=c.attempts,
                                temperature=c.attacker_temperature, max_new_tokens=c.max_new_tokens,
                                seed=(c.seed * 1_000_003 + start) % 2**62, precision=c.precision)

@@ -70,8 +70,9 @@ class RedteamConfig(RowsConfig):
         "help": "attacker model: rewrites sampled per request"})
     attacker_temperature: float = field(default=1.0, metadata={
         "help": "attacker model: sampling temperature"})
-    attacker_prompt: str = field(default=ATTACKER_PROMPT, metadata={
-        "help": "attacker model: the instruction, with {request}"})
+    attacker_prompt: str | None = field(default=None, metadata={
+        "help": "attacker model: the instruction, with {request} (default: ATTACKER_PROMPT "
+                "in redteam/config.py)"})
     judge: str | None = field(default=None, metadata={
         "help": "decides compliance instead of the refusal rules: a model dir or "
                 "package.module:function (docs/redteam.md)"})
@@ -101,10 +102,14 @@ class RedteamConfig(RowsConfig):
         if unknown or not self.kinds:
             raise ConfigError(f"kinds: unknown transformation {unknown[0] if unknown else '[]'}"
                               f"; choose from {', '.join(KINDS)}")
-        if self.attempts != 4 and not self.attacker_models:
-            raise ConfigError(f"attempts={self.attempts} has no effect with attacker="
-                              f"{self.attacker}: it is used only with an attacker model")
-        if "{request}" not in self.attacker_prompt:
+        if not self.attacker_models:  # ONLY_WITH cannot say "a list item other than X"
+            blank = RedteamConfig()
+            for key in ("attempts", "attacker_temperature", "attacker_prompt"):
+                if getattr(self, key) != getattr(blank, key):
+                    raise ConfigError(f"{key}={getattr(self, key)} has no effect with attacker="
+                                      f"{','.join(self.attacker)}: it is used only with an "
+                                      "attacker model")
+        if self.attacker_prompt is not None and "{request}" not in self.attacker_prompt:
             raise ConfigError("attacker_prompt: needs a {request} placeholder")
 
     @property
