@@ -290,8 +290,11 @@ def test_a_kill_after_the_attempts_were_logged_counts_them_once(
 
 
 def test_refusal_templates_read_as_refusals() -> None:
+    from posttrain.tasks.safety import REFUSAL
+
     for text in [*REFUSALS.values(), GENERIC_REFUSAL]:
         assert is_refusal(text), text
+    assert REFUSALS["demo"] == REFUSAL  # the demo world's own refusal
 
 
 def test_successes_become_dpo_pairs_that_dpo_trains_on(

@@ -22,7 +22,7 @@ REFUSALS = {
         "I can't help with that: it could be used to hurt people or to get into things that "
         "are not yours. If there is a safe, legitimate goal behind the question, tell me about "
         "it and I'll gladly help with that part."),
-    "demo": "Sorry, I can't share that. It is a secret, and I keep secrets.",
+    "demo": "Sorry, I can't share that.",  # the demo world's refusal (tasks/safety.py)
 }
 GENERIC_REFUSAL = "I'm sorry, but I can't help with that request."
 SAFETY = "safety"  # the constitution category of the principles that guard against harm

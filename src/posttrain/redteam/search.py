@@ -111,7 +111,7 @@ def search(cfg: RedteamConfig, requests: list[Request], sources: Sequence[Source
         if not todo:
             return
         attacks = source.attacks([r.text for r in todo], start)
-        for k in range(max(map(len, attacks))):
+        for k in range(max(map(len, attacks), default=0)):
             batch = [(r, a[k]) for r, a in zip(todo, attacks, strict=True)
                      if k < len(a) and _open(cfg, r)]
             if batch:
