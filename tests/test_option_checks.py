@@ -166,6 +166,7 @@ UNUSED: dict[str, tuple[list[str], list[str]]] = {
     "template_split": (["attacker=m", "template_split=all"], ["template_split=all"]),
     "per_kind": (["attacker=m", "per_kind=2"], ["attacker=[templates,m]", "per_kind=2"]),
     "redteam:constitution": (["constitution=demo"], ["to_preferences=true", "constitution=demo"]),
+    "eval:constitution": (["constitution=demo"], ["checks=[judge]", "constitution=demo"]),
     "refusal": (["refusal=No."], ["to_preferences=true", "refusal=No."]),
     "revise": (["revise=true"], ["to_preferences=true", "revise=true"]),
 }

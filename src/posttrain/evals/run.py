@@ -36,7 +36,7 @@ from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger("posttrain")
 
-CHECKS = ("arithmetic", "safety", "reward", "pairs", "task")
+CHECKS = ("arithmetic", "safety", "reward", "pairs", "task", "judge")
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -50,7 +50,8 @@ class EvalRunConfig:
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "reward_model": Needs("checks", ("reward", "pairs")),
         "reference": Needs("checks", ("reward",), "the reward check's KL is measured to it"),
-        "data": Needs("checks", ("task",)),
+        "data": Needs("checks", ("task", "judge")),
+        "constitution": Needs("checks", ("judge",)),
         "rewards": Needs("checks", ("task",)),
     }
 
@@ -67,7 +68,10 @@ class EvalRunConfig:
     reference: str | None = field(default=None,
                                   metadata={"help": "model the reward check's KL is measured to"})
     data: str | None = field(default=None, metadata={
-        "help": "the task check's prompts: task:NAME, rg:NAME or a file (test split)"})
+        "help": "the task check's prompts, or the judge check's labelled preference rows: "
+                "task:NAME, rg:NAME or a file (test split)"})
+    constitution: str | None = field(default=None, metadata={
+        "help": "the judge check's principles: hhh, demo, or a YAML file (docs/cai.md)"})
     rewards: list[str] = field(default_factory=lambda: ["auto"], metadata={
         "help": "the task check's verifiers (docs/rewards.md); auto = by the data"})
     suite: str | None = field(default=None, metadata={
@@ -85,6 +89,9 @@ class EvalRunConfig:
                               f"{', '.join(CHECKS)}")
         if {"reward", "pairs"} & set(self.checks) and not self.reward_model:
             raise ConfigError("the reward and pairs checks need reward_model=DIR")
+        if "judge" in self.checks and not self.constitution:
+            raise ConfigError("the judge check needs constitution=NAME|FILE (its principles' "
+                              "judge questions are what the model is asked)")
         if "task" in self.checks and not self.data:
             raise ConfigError("the task check needs data=SPEC (task:NAME, rg:NAME or a file)")
         if "reward" in self.checks and not self.reference:
@@ -191,9 +198,46 @@ def _task(cfg: EvalRunConfig) -> Result:
             "task_reward": sum(x["reward"] for x in samples) / n}, samples
 
 
+def _judge(cfg: EvalRunConfig) -> Result:
+    """The model as an AI judge (``cai.judge.ModelJudge``, both orders) on labelled pairs:
+    how often its verdict is the label's (``chosen`` is the better answer)."""
+    import random
+
+    from posttrain.cai import load_constitution
+    from posttrain.cai.judge import ModelJudge, judge_pairs
+    from posttrain.data.chat import last_text
+    from posttrain.data.sources import load_rows
+    from posttrain.evals.stats import wilson_interval
+    from posttrain.models.io import load_model, load_tokenizer
+
+    constitution = load_constitution(str(cfg.constitution))
+    spec = cfg.data or f"task:safety_pairs:size={cfg.prompts},max_operand={cfg.max_operand}"
+    rows = load_rows(spec, split="test", formats=["preference"]).rows[: cfg.prompts]
+    if not rows:
+        raise DataError(f"{spec}: no labelled pairs to judge")
+    principles = [constitution.sample(random.Random(f"{cfg.seed}-{i}"), r.get("category"))
+                  for i, r in enumerate(rows)]
+    judge = ModelJudge(load_model(cfg.model), load_tokenizer(cfg.model))
+    chosen = [last_text(r["chosen"]) for r in rows]
+    rejected = [last_text(r["rejected"]) for r in rows]
+    verdicts = judge_pairs(judge, [last_text(r["prompt"]) for r in rows], chosen, rejected,
+                           [p.judge for p in principles])
+    agree = [v.kept and v.a_wins for v in verdicts]
+    ci = wilson_interval(sum(agree), len(rows))
+    kept = sum(v.kept for v in verdicts)
+    samples = [{"prompt": last_text(r["prompt"]), "chosen": c, "rejected": x,
+                "principle": p.name, "p_chosen": v.p_a, "kept": v.kept, "why": v.why}
+               for r, c, x, p, v in zip(rows, chosen, rejected, principles, verdicts,
+                                        strict=True)]
+    return {"judge_agreement": ci.value, "judge_agreement_low": ci.low,
+            "judge_agreement_high": ci.high, "judge_kept": kept / len(rows),
+            "judge_order_inconsistent": sum(v.why == "order-inconsistent" for v in verdicts)
+            / len(rows)}, samples
+
+
 RUNNERS: dict[str, Callable[[EvalRunConfig], Result]] = {
     "arithmetic": _arithmetic, "safety": _safety, "reward": _reward, "pairs": _pairs,
-    "task": _task,
+    "task": _task, "judge": _judge,
 }
 
 

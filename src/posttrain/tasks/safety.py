@@ -12,11 +12,16 @@ combinations, never repeats. The "harm" is a stand-in (revealing a made-up code)
 
 - ``task:safety_chat``     SFT demonstrations: sums (``task:chat``) and safety turns, written
                            by an over-cautious annotator who refuses ``caution`` of the
-                           harmless requests too
+                           harmless requests too; optionally (``cai_frac``, ``judge_frac``)
+                           the skills Constitutional AI asks of a model: critiquing and
+                           revising an answer against the demo constitution when asked, and
+                           judging which of two answers follows a principle
 - ``task:safety_pairs``    preference pairs: refusal > compliance for secrets, helpful answer >
                            refusal for harmless requests and sums
-- ``task:safety_prompts``  prompt-only rows: ``kind`` harmful | info | sum, ``harmful``, and
-                           ``answer`` (the helpful answer; None for harmful requests)
+- ``task:safety_prompts``  prompt-only rows: ``kind`` harmful | info | sum, ``harmful``,
+                           ``answer`` (the helpful answer; None for harmful requests) and
+                           ``category`` (request | sum: which principles of the demo
+                           constitution apply; it does not say whether a request is harmful)
 """
 
 from __future__ import annotations
@@ -96,10 +101,12 @@ def assistant(text: str) -> list[dict[str, str]]:
                "answers to harmless requests (some over-cautiously refused)")
 def safety_chat(split: str = "train", size: int | None = None, seed: int = 0,
                 safety_frac: float = 0.35, caution: float = 0.5, max_operand: int = 99,
-                slip_rate: float = 0.0) -> list[dict[str, Any]]:
+                slip_rate: float = 0.0, cai_frac: float = 0.0,
+                judge_frac: float = 0.0) -> list[dict[str, Any]]:
     """``task:chat`` rows (``slip_rate``: see there) with ``safety_frac`` of them replaced by
     safety turns: half refusals of requests for secrets, half harmless requests, of which the
-    annotator refuses ``caution`` and answers the rest."""
+    annotator refuses ``caution`` and answers the rest. Then ``cai_frac`` of the rows become
+    critique -> revise conversations and ``judge_frac`` judge questions (``cai_skills``)."""
     _check_split(split)
     rng = random.Random(f"safety_chat-{split}-{seed}")
     rows = chat(split=split, size=size or 1000, seed=seed, max_operand=max_operand,
@@ -114,7 +121,15 @@ def safety_chat(split: str = "train", size: int | None = None, seed: int = 0,
             prompt, answer = rng.choice(info)
             answer = REFUSAL if rng.random() < caution else answer
         rows[i] = {"messages": [*user(prompt), *assistant(answer)]}
+    if cai_frac or judge_frac:
+        from posttrain.tasks.safety_cai import cai_skills
+
+        cai_skills(rows, split, seed, cai_frac, judge_frac, caution)
     return rows
+
+
+def _is_request(prompt: str) -> bool:
+    return any(place in prompt for place in PLACES)
 
 
 def _off_topic(rng: random.Random, chosen: str, max_operand: int) -> str:
@@ -155,7 +170,8 @@ def safety_pairs(split: str = "train", size: int | None = None, seed: int = 0,
         if rng.random() < off_topic:
             rejected = _off_topic(rng, chosen, max_operand)
         rows.append({"prompt": user(prompt), "chosen": assistant(chosen),
-                     "rejected": assistant(rejected)})
+                     "rejected": assistant(rejected),
+                     "category": "request" if _is_request(prompt) else "sum"})
     return rows
 
 
@@ -182,5 +198,6 @@ def safety_prompts(split: str = "test", size: int | None = None, seed: int = 0,
         else:
             prompt, answer = rng.choice(info)
             row = {"prompt": user(prompt), "kind": "info", "answer": answer}
-        rows.append({**row, "harmful": row["kind"] == "harmful"})
+        rows.append({**row, "harmful": row["kind"] == "harmful",
+                     "category": "sum" if row["kind"] == "sum" else "request"})
     return rows

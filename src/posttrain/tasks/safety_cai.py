@@ -1,0 +1,106 @@
+"""The skills Constitutional AI asks of the demo's SFT model, as demonstrations.
+
+CAI (seed §5.8) relies on a model that, *when asked*, can critique an answer against a
+principle, rewrite it, and say which of two answers follows a principle better; what it does
+*by default* is another matter. The demo's annotators refuse harmless requests by default
+(``caution``), yet their demonstrations of the explicit skills follow the demo constitution
+(``cai/files/demo.yaml``), so the SFT model learns both: over-cautious answers, and
+principled critiques, revisions and verdicts when prompted. Constitutional AI then turns the
+prompted behaviour into the default one, without a single human preference label.
+
+- critique -> revise: ``user: request / assistant: the annotator's answer / user: the
+  principle's critique request / assistant: the critique / user: its revision request /
+  assistant: the revision`` (the request's right answer: a refusal for a secret, the public
+  information otherwise), exactly the conversation ``posttrain cai revise`` builds;
+- judging: the prompt ``cai.judge.ModelJudge`` shows (the principle's judge question, the
+  request, answers A and B) and the letter of the better answer, which is what the judge's
+  next-token probability reads.
+
+Every assistant turn is a target (``messages`` rows), so no demonstration contains a bad
+answer as the assistant's own turn: the annotator's first answers are the same kind of
+answers as in the other rows, and bad answers to judge appear only inside the question.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from posttrain.tasks.safety import (
+    INFO,
+    REFUSAL,
+    assistant,
+    compliance,
+    harmful_requests,
+    info_requests,
+    user,
+)
+
+REQUEST = "request"  # the demo constitution's category for requests about places
+
+
+def _critique(principle: str, harmful: bool, refused: bool) -> str:
+    """The critique of an answer under a principle, as the constitution's author writes it."""
+    if principle == "secrets":
+        if not harmful:
+            return "No. Nothing secret was asked for."
+        return "No. It keeps the secret." if refused else "Yes. It gives the secret away."
+    if harmful:
+        return "No. The request is for a secret, so refusing is right."
+    return "Yes. The request is harmless, and it refused." if refused else \
+        "No. It answers the request."
+
+
+def critique_revise(rng: random.Random, split: str, caution: float) -> dict[str, Any]:
+    """One critique -> revise conversation about a request (harmful or not)."""
+    from posttrain.cai import load_constitution
+
+    principle = load_constitution("demo").sample(rng, REQUEST)
+    if rng.random() < 0.5:
+        prompt, right, refused = rng.choice(harmful_requests(split)), REFUSAL, True
+    else:
+        prompt, right = rng.choice(info_requests(split))
+        refused = rng.random() < caution
+    first = REFUSAL if refused else right
+    harmful = right == REFUSAL
+    return {"messages": [*user(prompt), *assistant(first), *user(principle.critique),
+                         *assistant(_critique(principle.name, harmful, refused)),
+                         *user(principle.revision), *assistant(right)]}
+
+
+def judgement(rng: random.Random, split: str) -> dict[str, Any]:
+    """One judge question: a request, a better and a worse answer in random slots, and the
+    letter of the better one."""
+    from posttrain.cai import load_constitution
+    from posttrain.cai.judge import JUDGE_TEMPLATE
+
+    principle = load_constitution("demo").sample(rng, REQUEST)
+    if rng.random() < 0.5:
+        prompt = rng.choice(harmful_requests(split))
+        better, worse = REFUSAL, compliance(rng, prompt)
+    else:
+        prompt, better = rng.choice(info_requests(split))
+        worse = REFUSAL if rng.random() < 0.7 else rng.choice(
+            [a for a in INFO.values() if a != better])
+    first_better = rng.random() < 0.5
+    first, second = (better, worse) if first_better else (worse, better)
+    question = JUDGE_TEMPLATE.format(question=principle.judge, prompt=prompt, first=first,
+                                     second=second)
+    return {"messages": [*user(question), *assistant("A" if first_better else "B")]}
+
+
+def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: float,
+               judge_frac: float, caution: float) -> None:
+    """Replace ``cai_frac`` of ``rows`` by critique -> revise conversations and
+    ``judge_frac`` by judge questions, in place (a separate random stream: the other rows
+    stay the ones ``cai_frac = judge_frac = 0`` gives)."""
+    if not (0 <= cai_frac and 0 <= judge_frac and cai_frac + judge_frac <= 1):
+        raise ValueError(f"cai_frac + judge_frac must be within [0, 1], got {cai_frac} + "
+                         f"{judge_frac}")
+    rng = random.Random(f"safety_chat-cai-{split}-{seed}")
+    for i in range(len(rows)):
+        u = rng.random()
+        if u < cai_frac:
+            rows[i] = critique_revise(rng, split, caution)
+        elif u < cai_frac + judge_frac:
+            rows[i] = judgement(rng, split)

@@ -1,0 +1,123 @@
+"""The demo world's Constitutional AI skills (``tasks/safety_cai.py``) and the judge check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.cai import load_constitution
+from posttrain.cai.judge import JUDGE_TEMPLATE
+from posttrain.tasks.safety import INFO, REFUSAL, SECRETS, safety_chat, safety_pairs
+
+
+def _turns(row: dict) -> list[str]:
+    return [m["content"] for m in row["messages"]]
+
+
+def test_without_cai_rows_the_demonstrations_are_unchanged():
+    assert safety_chat(size=300, seed=4) == safety_chat(size=300, seed=4, cai_frac=0,
+                                                        judge_frac=0)
+
+
+def test_critique_revise_rows_follow_the_demo_constitution():
+    c = load_constitution("demo")
+    rows = [r for r in safety_chat(size=400, cai_frac=0.5) if len(r["messages"]) == 6]
+    assert 150 < len(rows) < 250
+    by_request = {(p.critique, p.revision) for p in c.principles if "request" in p.categories}
+    for row in rows:
+        request, first, critique_q, _, revision_q, revision = _turns(row)
+        assert (critique_q, revision_q) in by_request
+        secret = any(s in request for s in SECRETS)
+        assert revision == (REFUSAL if secret else revision)
+        assert secret or revision in INFO.values()  # a harmless request gets its answer
+        assert first in (REFUSAL, revision)  # the annotator's answer: never a leak
+    fixed = [r for r in rows if _turns(r)[1] == REFUSAL and _turns(r)[5] != REFUSAL]
+    assert fixed, "some over-cautious refusals must be revised into answers"
+
+
+def test_judge_rows_ask_what_model_judge_asks_and_answer_the_better_slot():
+    questions = {p.judge for p in load_constitution("demo").principles}
+    rows = [r for r in safety_chat(size=400, judge_frac=0.5) if _turns(r)[0].endswith(
+        "Answer with A or B.")]
+    assert 150 < len(rows) < 250
+    letters = set()
+    for row in rows:
+        prompt, letter = _turns(row)
+        question, rest = prompt.split("\n\nRequest: ", 1)
+        request, rest = rest.split("\n\nAnswer A: ", 1)
+        first, rest = rest.split("\n\nAnswer B: ", 1)
+        second = rest.removesuffix("\n\nAnswer with A or B.")
+        assert question in questions
+        assert prompt == JUDGE_TEMPLATE.format(question=question, prompt=request, first=first,
+                                               second=second)
+        better = first if letter == "A" else second
+        secret = any(s in request for s in SECRETS)
+        assert better == REFUSAL if secret else better in INFO.values()
+        letters.add(letter)
+    assert letters == {"A", "B"}  # the better answer is in either slot
+
+
+def test_cai_fractions_are_checked():
+    with pytest.raises(ValueError, match="cai_frac"):
+        safety_chat(size=10, cai_frac=0.7, judge_frac=0.5)
+
+
+def test_preference_and_prompt_rows_carry_the_constitution_category():
+    rows = safety_pairs(size=200)
+    assert {r["category"] for r in rows} == {"request", "sum"}
+    for r in rows:
+        is_sum = r["category"] == "sum"
+        assert is_sum == ("the " not in r["prompt"][0]["content"]
+                          and "'s " not in r["prompt"][0]["content"])
+
+
+def _fake_judge(monkeypatch, prefer):
+    """ModelJudge whose P(first) is ``prefer(first, second)``."""
+    from posttrain.cai import judge
+
+    monkeypatch.setattr(judge.ModelJudge, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(judge.ModelJudge, "prefer_first",
+                        lambda self, items: [prefer(c.first, c.second) for c in items])
+
+
+def _run_judge_check(tmp_path, nano_dir, prompts=40):
+    from posttrain.evals.run import EvalRunConfig, run_eval
+
+    cfg = EvalRunConfig(model=str(nano_dir), output_dir=str(tmp_path / "ev"), checks=["judge"],
+                        constitution="demo", prompts=prompts)
+    cfg.validate()
+    out = run_eval(cfg)
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    return metrics, samples
+
+
+def test_judge_check_counts_agreement_with_the_labels(tmp_path, nano_dir, monkeypatch):
+    from posttrain.tasks.safety import safety_pairs as pairs
+
+    chosen = {r["chosen"][0]["content"] for r in pairs(split="test", size=40)}
+    _fake_judge(monkeypatch, lambda first, second: 0.9 if first in chosen else 0.1)
+    m, samples = _run_judge_check(tmp_path, nano_dir)
+    # a chosen text can be another pair's rejected text (a refusal, an off-topic answer),
+    # where this judge says "first" in both orders: order-inconsistent, dropped
+    both = sum(s["rejected"] in chosen for s in samples)
+    assert m["judge_agreement"] == pytest.approx(1 - both / 40)
+    assert m["judge_order_inconsistent"] == pytest.approx(both / 40)
+    assert len(samples) == 40 and all(s["principle"] for s in samples)
+
+
+def test_a_judge_that_always_picks_the_first_slot_agrees_with_nothing(tmp_path, nano_dir,
+                                                                     monkeypatch):
+    _fake_judge(monkeypatch, lambda first, second: 0.8)
+    m, _ = _run_judge_check(tmp_path, nano_dir, prompts=20)
+    assert m["judge_agreement"] == 0 and m["judge_kept"] == 0
+    assert m["judge_order_inconsistent"] == 1
+
+
+def test_judge_check_needs_a_constitution():
+    from posttrain.errors import ConfigError
+    from posttrain.evals.run import EvalRunConfig
+
+    with pytest.raises(ConfigError, match="constitution"):
+        EvalRunConfig(checks=["judge"]).validate()
