@@ -56,6 +56,7 @@ from posttrain.rewards.scoring import lengths, no_eos_frac, score_rollouts
 from posttrain.rollout import Rollouts
 from posttrain.rollout.batching import build_batch
 from posttrain.rollout.config import SamplingConfig
+from posttrain.train import checkpoint as ckpt
 from posttrain.train import online
 from posttrain.train.engine import Engine
 
@@ -337,7 +338,9 @@ def load_value(cfg: PPOConfig, tokenizer: Any, resume_from: Path | None,
                device: torch.device) -> nn.Module:
     """The value model: from the checkpoint when resuming (full weights, or the base from
     ``value_model`` + the saved adapter), else from ``value_model``."""
-    saved = resume_from / "model" / VALUE if resume_from is not None else None
+    # A sharded checkpoint's weights are loaded by Engine.restore into the starting model.
+    saved = (resume_from / "model" / VALUE if resume_from is not None
+             and not ckpt.is_sharded(resume_from) else None)
     if saved is not None and value_adapter_dir(saved) is None:
         return load_value_model(str(saved), tokenizer, require_head=True).to(device)
     spec = {"reward_model": str(cfg.reward.model), "policy": cfg.model}.get(cfg.value_model,

@@ -43,6 +43,7 @@ from posttrain.models.prefix import enable_prefix_attention, pack_pairs
 from posttrain.models.reference import load_frozen_model
 from posttrain.report.instruments import append_row, sketch
 from posttrain.train import distributed as ddp
+from posttrain.train import fsdp
 from posttrain.train.config import TrainConfig
 from posttrain.train.loop import total_steps, train_offline
 from posttrain.train.run import load_policy, prepare_run
@@ -381,7 +382,9 @@ def train_preference(cfg: DPOConfig) -> Path:
     cfg = dataclasses.replace(cfg, prefix_sharing=prefix)  # config.yaml: what runs
 
     collate = make_collate(device, ref_table, kto, prefix)
-    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed)
+    info = ddp.current()
+    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed,
+                         rank=info.rank, world_size=info.world_size)
     steps = total_steps(cfg.max_steps, cfg.epochs, len(stream), cfg.grad_accum)
     eval_fn = None
     if cfg.eval_data:
@@ -393,8 +396,10 @@ def train_preference(cfg: DPOConfig) -> Path:
     final = train_offline(cfg, model, tokenizer, run_dir, resume_from, stream,
                           make_step(cfg, reference), count_pairs, eval_fn,
                           first_metrics={**train.stats("data"), **ref_stats})
-    if ddp.current().is_main and not kto:  # KTO's examples are unpaired: no margins
-        record_margins(cfg, model, train.examples, collate, reference, run_dir, steps)
+    if not kto:  # KTO's examples are unpaired: no margins
+        with fsdp.gathered(model):  # every rank gathers (fsdp2), rank 0 alone runs forwards
+            if info.is_main:
+                record_margins(cfg, model, train.examples, collate, reference, run_dir, steps)
     return final
 
 

@@ -24,6 +24,8 @@ from posttrain.models.attention import enable_packed_attention
 from posttrain.models.device import autocast_context, pick_device
 from posttrain.models.io import load_tokenizer, resize_for_tokenizer
 from posttrain.models.reward import load_reward_model, sequence_rewards
+from posttrain.train import checkpoint as ckpt
+from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
 from posttrain.train.loop import train_offline
 from posttrain.train.run import prepare_run
@@ -50,7 +52,9 @@ class RMConfig(TrainConfig):
 
 def load_rm_policy(cfg: RMConfig, resume_from: Path | None) -> tuple[nn.Module, Any]:
     """(sequence classifier, tokenizer): a causal LM's body + new head, or a checkpoint."""
-    spec = str(resume_from / "model") if resume_from is not None else cfg.model
+    # A sharded checkpoint's weights are loaded by Engine.restore into the starting model.
+    saved = resume_from is not None and not ckpt.is_sharded(resume_from)
+    spec = str(resume_from / "model") if saved else cfg.model
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     model = load_reward_model(spec, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     resize_for_tokenizer(model, tokenizer)
@@ -109,7 +113,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
     enc = dict(max_length=cfg.max_length, on_bad_row=cfg.on_bad_row)
     train = encode_pairs(cfg.data, tokenizer, **enc)
     collate = make_collate(device)
-    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed)
+    info = ddp.current()
+    stream = BatchStream(train.examples, cfg.batch_size, collate, seed=cfg.seed,
+                         rank=info.rank, world_size=info.world_size)
     eval_fn = None
     if cfg.eval_data:
         held = encode_pairs(cfg.eval_data, tokenizer, split="test", **enc)

@@ -5,6 +5,12 @@ Layout (DESIGN.md §4)::
     checkpoints/step-N/model/           HF format (safetensors, tokenizer, chat template)
     checkpoints/step-N/trainer_state/   optimizer, scheduler, RNG, data cursor, step
 
+A sharded run (``strategy=fsdp2``) writes ``sharded/`` instead of ``model/``: a
+torch.distributed.checkpoint directory of every trained model's weights and optimizer state,
+one file per rank, re-sharded on load to any world size; ``trainer_state/`` then holds the
+rest (scheduler, RNG, data cursor, step). All ranks write into the same temporary directory,
+so a multi-node run needs ``output_dir`` on a shared filesystem.
+
 A kill at any moment leaves either the previous checkpoint or the new one, never half of one:
 ``os.replace`` of a directory is atomic on POSIX filesystems. A write that fails (a full disk)
 removes its temporary directory and raises a one-line error naming what is still intact; a
@@ -30,6 +36,7 @@ import torch
 from torch import nn
 
 from posttrain.errors import PosttrainError, TrainingError
+from posttrain.train.distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger("posttrain")
 
@@ -37,6 +44,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Temporaries of checkpoints and of final/: .tmp-step-N-PID, .tmp-final-PID (.tmp-final: older).
 _TMP_PID = re.compile(r"^\.tmp-(?:step-\d+|final)(?:-(\d+))?$")
 STATE_FILE = Path("trainer_state") / "state.pt"
+SHARDED_DIR = "sharded"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -81,9 +89,16 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         return f"{state} cannot be read: {_first_line(e)}"
     if not isinstance(loaded, dict) or "step" not in loaded:
         return f"{state} holds no trainer state"
+    if is_sharded(ckpt):
+        return None
     if not any((ckpt / "model").rglob("*.safetensors")):
         return f"{ckpt / 'model'} has no weights (*.safetensors)"
     return None
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether ``ckpt`` was written by a sharded run (its DCP metadata is there)."""
+    return (ckpt / SHARDED_DIR / ".metadata").is_file()
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -223,9 +238,19 @@ def write_failure(exc: BaseException) -> str | None:
 
 def assert_finite(model: nn.Module) -> None:
     """Refuse to save non-finite weights: a checkpoint must always be a usable model."""
+    name = nonfinite_parameter(model)
+    if name is not None:
+        raise TrainingError(f"refusing to save: parameter '{name}' has NaN/inf values")
+
+
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The first parameter with a NaN/inf value, or None; of a sharded parameter only this
+    rank's shard is read."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise TrainingError(f"refusing to save: parameter '{name}' has NaN/inf values")
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not torch.isfinite(local).all():
+            return name
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -266,12 +291,51 @@ def save_checkpoint(
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(trainer_state, f)
         fsync_tree(tmp)
+    _commit(run_dir, tmp, final, keep_last)
+    return final
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    save_shards_fn: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    info: DistInfo,
+) -> Path:
+    """``save_checkpoint`` for a sharded run: every rank calls it. ``save_shards_fn(path)``
+    (collective) writes the DCP directory ``sharded/``; rank 0 writes ``trainer_state``,
+    then renames the temporary directory into place and prunes."""
+    root = checkpoints_dir(run_dir)
+    final = root / f"step-{step}"
+    # One temporary for all ranks, named after the writer (rank 0) like an unsharded one.
+    tmp = Path(str(broadcast_object(str(root / f".tmp-step-{step}-{os.getpid()}"), info)))
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(info)
+    with removed_on_failure(tmp, f"checkpoint step-{step} in {root}",
+                            lambda: _intact_note(run_dir, step)):
+        save_shards_fn(tmp / SHARDED_DIR)  # DCP raises on every rank if any rank failed
+        if info.is_main:
+            (tmp / "trainer_state").mkdir(parents=True)
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save(trainer_state, f)
+            fsync_tree(tmp)
+    if info.is_main:
+        _commit(run_dir, tmp, final, keep_last)
+    barrier(info)
+    return final
+
+
+def _commit(run_dir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a complete temporary checkpoint into place, then prune."""
     if final.exists():  # a damaged checkpoint of this step, skipped on resume
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(final.parent)
     _prune(run_dir, keep_last)
-    return final
 
 
 def _intact_note(run_dir: Path, step: int) -> str:

@@ -22,11 +22,12 @@ class TrainConfig:
         "warmup_steps": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
         "adam_beta2": "[0, 1)", "max_grad_norm": ">= 0", "max_length": ">= 2",
         "save_steps": ">= 0", "save_total_limit": ">= 0", "eval_steps": ">= 0",
-        "logging_steps": ">= 1", "max_bad_steps": ">= 1",
+        "logging_steps": ">= 1", "max_bad_steps": ">= 1", "dist_timeout": "> 0",
     }
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "epochs": Needs("max_steps", (-1,), "max_steps > 0 sets the run's length"),
         "eval_steps": Needs("eval_data", None, "evaluation runs on eval_data"),
+        "cpu_offload": Needs("strategy", ("fsdp2",), "only FSDP2 offloads its shards"),
     }
 
     model: str = field(
@@ -75,6 +76,22 @@ class TrainConfig:
         default=False,
         metadata={"help": "torch.compile the decoder layers' training forward (fuses "
                           "elementwise ops; the first step compiles)"},
+    )
+    strategy: Literal["ddp", "fsdp2"] = field(
+        default="ddp",
+        metadata={"help": "data parallelism under torchrun: ddp (a full replica per rank) or "
+                          "fsdp2 (weights, gradients and optimizer states sharded; sharded "
+                          "checkpoints); see docs/distributed.md"},
+    )
+    cpu_offload: bool = field(
+        default=False,
+        metadata={"help": "fsdp2: keep the shards and the optimizer step on the CPU (saves "
+                          "accelerator memory, costs transfers)"},
+    )
+    dist_timeout: float = field(
+        default=1800.0,
+        metadata={"help": "seconds a rank waits for the others in a collective before the run "
+                          "fails, naming the rank that died or stalled"},
     )
     resume: bool = field(
         default=False, metadata={"help": "continue from the last checkpoint in output_dir"}

@@ -7,6 +7,11 @@ autocast, gradient checkpointing, the NaN/inf guard, metrics and atomic checkpoi
 A run may train a second model beside the policy (PPO's value model): ``add_model`` gives it
 its own optimizer and schedule, ``update(..., model=name)`` steps it through the same
 accumulation, clipping and guard, and checkpoints carry its weights and optimizer state.
+
+Under torchrun the trained models are DDP replicas (``strategy=ddp``) or FSDP2 shards
+(``strategy=fsdp2``, ``train/fsdp.py``); both average gradients over ranks, so the loss
+scaling below is the same. A sharded run checkpoints with torch.distributed.checkpoint and
+gathers the full weights to rank 0 for the HF export.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from posttrain.models.device import autocast_context
 from posttrain.models.lora import has_lora, save_pretrained_for_run
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import distributed as ddp
+from posttrain.train import fsdp
 from posttrain.train.allocator import use_warm_host_memory
 from posttrain.train.config import TrainConfig
 from posttrain.train.metrics import MetricsLogger
@@ -94,7 +100,7 @@ class ModelOptimizer:
         """Clip, then step unless ``loss`` or the gradient is non-finite; advance the schedule.
         Returns (grad norm, whether the optimizer stepped)."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         stepped = self._guarded_step(loss, grad_norm, step)
         self.scheduler.step()
         return grad_norm, stepped
@@ -118,12 +124,18 @@ class ModelOptimizer:
             )
         return False
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}
+    def state_dict(self, optimizer: bool = True) -> dict[str, Any]:
+        """Schedule and counters, and unless ``optimizer`` is False (a sharded checkpoint
+        holds it in its DCP directory) the optimizer state."""
+        state = {"scheduler": self.scheduler.state_dict(),
+                 "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}
+        if optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state["skipped_steps"])
         self.bad_streak = int(state["bad_streak"])
@@ -157,11 +169,15 @@ class Engine:
             model.config.use_cache = False
         if cfg.compile:
             compile_decoder_layers(model)
+        self.sharded = cfg.strategy == "fsdp2"
+        if self.sharded:  # in place: the optimizer below must see the DTensor shards
+            fsdp.shard(model, cfg.precision, cfg.cpu_offload)
         self.policy = ModelOptimizer(cfg, model, cfg.lr, total_steps)
         self.others: dict[str, ModelOptimizer] = {}
         self.step = 0
         # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
-        self.train_model = ddp.wrap_ddp(model, self.dist)
+        # FSDP2 shards the module itself: both names are the same object.
+        self.train_model = model if self.sharded else ddp.wrap_ddp(model, self.dist)
         if self.dist.is_main:
             ckpt.clean_stale_temporaries(run_dir)  # a killed save's leftovers may fill the disk
             save_config(cfg, run_dir / "config.yaml")
@@ -181,7 +197,10 @@ class Engine:
     def add_model(self, name: str, model: nn.Module, lr: float, lr_key: str,
                   fused: bool = True) -> None:
         """Train ``model`` beside the policy with its own optimizer and LR schedule (same
-        warmup, decay and length); checkpoints save it in ``model/<name>/``."""
+        warmup, decay and length); checkpoints save it in ``model/<name>/``. Under fsdp2 it
+        is sharded like the policy."""
+        if self.sharded:
+            fsdp.shard(model, self.cfg.precision, self.cfg.cpu_offload)
         self.others[name] = ModelOptimizer(self.cfg, model, lr, self.total_steps, name=name,
                                            lr_key=lr_key, fused=fused)
 
@@ -201,8 +220,16 @@ class Engine:
         the run's step counter nor the progress bar moves.
         """
         govern_threads()  # between steps: the cores other processes left free
-        if model is not None:
-            return self._update_other(self.others[model], micro_batches, loss_fn, count_fn)
+        with ddp.peer_failure(self.dist, self.step + 1, f"step {self.step + 1}",
+                              self.cfg.dist_timeout):
+            if model is not None:
+                return self._update_other(self.others[model], micro_batches, loss_fn,
+                                          count_fn)
+            ddp.mark_step(self.dist, self.step + 1)
+            return self._update_policy(micro_batches, loss_fn, count_fn, extra_count)
+
+    def _update_policy(self, micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn,
+                       extra_count: float) -> dict:
         t0 = time.perf_counter()
         self.model.train()
         total_loss, sums = self._accumulate(self.policy, self.train_model, micro_batches, loss_fn,
@@ -262,7 +289,10 @@ class Engine:
         return total_loss, sums
 
     def _maybe_no_sync(self, model: nn.Module, last: bool) -> AbstractContextManager:
-        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        """Skip DDP's gradient all-reduce (FSDP2's reduce-scatter) on all but the last
+        micro-batch of a step."""
+        if fsdp.is_sharded(model):
+            return fsdp.gradient_sync(model, sync=last)
         if self.dist.enabled and not last and model is self.train_model:
             return self.train_model.no_sync()
         return nullcontext()
@@ -273,31 +303,58 @@ class Engine:
 
     def save(self, cursor: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
         """Atomic checkpoint of the models + optimizers + schedulers + RNG + data cursor +
-        the recipe's ``extra`` state (rank 0 writes)."""
+        the recipe's ``extra`` state: rank 0 writes it, or under fsdp2 every rank writes its
+        shards (torch.distributed.checkpoint) and rank 0 the rest."""
         self._assert_finite()
+        with ddp.peer_failure(self.dist, self.step, f"checkpoint step-{self.step}",
+                              self.cfg.dist_timeout):
+            path = self._save_sharded(cursor, extra) if self.sharded else \
+                self._save_replicated(cursor, extra)
+        if self.dist.is_main:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def _trainer_state(self, cursor: dict[str, Any], extra: dict[str, Any] | None,
+                       optimizer: bool) -> dict[str, Any]:
+        state = {"step": self.step, **self.policy.state_dict(optimizer), "rng": ckpt.rng_state(),
+                 "cursor": cursor, "extra": extra or {},
+                 "models": {name: opt.state_dict(optimizer) for name, opt in self.others.items()}}
+        return state
+
+    def _save_replicated(self, cursor: dict[str, Any], extra: dict[str, Any] | None) -> Path:
         path = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}"
-        if not self.dist.is_main:
-            ddp.barrier(self.dist)
-            return path
-        policy = self.policy.state_dict()
-        state = {
-            "step": self.step, "optimizer": policy["optimizer"], "scheduler": policy["scheduler"],
-            "rng": ckpt.rng_state(), "cursor": cursor, "skipped_steps": policy["skipped_steps"],
-            "bad_streak": policy["bad_streak"], "extra": extra or {},
-            "models": {name: opt.state_dict() for name, opt in self.others.items()},
-        }
-        path = ckpt.save_checkpoint(
-            self.run_dir, self.step, partial(self._save_models, final=False), state,
-            self.cfg.save_total_limit,
-        )
-        log.info("saved checkpoint %s", path)
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, partial(self._save_models, final=False),
+                self._trainer_state(cursor, extra, optimizer=True), self.cfg.save_total_limit,
+            )
         ddp.barrier(self.dist)
         return path
 
+    def _save_sharded(self, cursor: dict[str, Any], extra: dict[str, Any] | None) -> Path:
+        return ckpt.save_sharded_checkpoint(
+            self.run_dir, self.step, lambda path: fsdp.save_sharded(path, self._parts()),
+            self._trainer_state(cursor, extra, optimizer=False), self.cfg.save_total_limit,
+            self.dist)
+
+    def _parts(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """Every trained model with its optimizer, by checkpoint name."""
+        return {"policy": (self.model, self.optimizer),
+                **{name: (opt.model, opt.optimizer) for name, opt in self.others.items()}}
+
     def restore(self, checkpoint: Path) -> dict[str, Any]:
-        """Load optimizers/schedulers/RNG/counters (model weights are loaded by the caller);
-        returns the trainer state (``cursor``, ``extra``)."""
+        """Load optimizers/schedulers/RNG/counters (model weights are loaded by the caller,
+        except from a sharded checkpoint, which holds them with the optimizer states and
+        re-shards them to this run's world size); returns the trainer state (``cursor``,
+        ``extra``)."""
         state = ckpt.load_trainer_state(checkpoint)
+        if ckpt.is_sharded(checkpoint):
+            with ddp.peer_failure(self.dist, self.step, f"loading {checkpoint}",
+                                  self.cfg.dist_timeout):
+                fsdp.load_sharded(checkpoint / ckpt.SHARDED_DIR, self._parts())
+        elif self.sharded:
+            raise TrainingError(f"{checkpoint} was written with strategy=ddp (one optimizer "
+                                "state per replica); resume it with strategy=ddp")
         self.policy.load_state_dict(state)
         for name, opt in self.others.items():
             opt.load_state_dict(state["models"][name])
@@ -307,9 +364,15 @@ class Engine:
         return state
 
     def _assert_finite(self) -> None:
-        ckpt.assert_finite(self.model)
-        for opt in self.others.values():
-            ckpt.assert_finite(opt.model)
+        """Refuse to save NaN/inf weights; under fsdp2 each rank checks its shards and all
+        ranks learn the verdict (a rank alone must not leave the others in the save)."""
+        bad = next((b for m in [self.model, *(o.model for o in self.others.values())]
+                    if (b := ckpt.nonfinite_parameter(m)) is not None), None)
+        if self.sharded and ddp.all_reduce_sum(float(bad is not None), self.dist,
+                                               self.device) > 0:
+            bad = bad or "(on another rank)"
+        if bad is not None:
+            raise TrainingError(f"refusing to save: parameter '{bad}' has NaN/inf values")
 
     def _save_models(self, path: Path, final: bool) -> None:
         """The policy in ``path`` (full model, or under LoRA the adapter; ``final`` with
@@ -319,23 +382,56 @@ class Engine:
         for name, opt in self.others.items():
             save_pretrained_for_run(opt.model, self.tokenizer, path / name, merge=merge)
 
+    def _save_gathered(self, path: Path, states: dict[str, dict[str, Tensor]]) -> None:
+        """Rank 0: the full weights gathered from the shards, as ``_save_models`` writes them."""
+        for name, (model, _) in self._parts().items():
+            out = path if name == "policy" else path / name
+            if name == "policy" and has_lora(model) and self.cfg.lora.merge:
+                save_pretrained_for_run(self._replica(states[name]), self.tokenizer, out,
+                                        merge=True)
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out, state_dict=states[name], safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(out)
+
+    def _replica(self, state: dict[str, Tensor]) -> nn.Module:
+        """An unsharded CPU copy of the policy holding ``state`` (merging LoRA adapters needs
+        whole modules): built from the run's starting model, then loaded."""
+        from posttrain.train.run import load_policy  # run.py builds on the engine
+
+        replica, _ = load_policy(self.cfg, None)
+        missing, unexpected = replica.load_state_dict(state, strict=False)
+        if set(missing) - set(fsdp.tied_aliases(replica)) or unexpected:
+            raise TrainingError(f"the gathered weights do not fit a fresh {self.cfg.model}: "
+                                f"missing {missing}, unexpected {unexpected}")
+        return replica.cpu()
+
     def save_final(self) -> Path:
         """The final model, written to a temporary directory and renamed to ``final/``; a
-        failed write (a full disk) says what survives (see ``checkpoint.removed_on_failure``)."""
+        failed write (a full disk) says what survives (see ``checkpoint.removed_on_failure``).
+        Under fsdp2 the shards are first gathered to rank 0, which writes one HF directory."""
         self._assert_finite()
         final = self.run_dir / "final"
-        if not self.dist.is_main:
+        with ddp.peer_failure(self.dist, self.step, "the final export", self.cfg.dist_timeout):
+            states = ({name: fsdp.full_state_dict(model)
+                       for name, (model, _) in self._parts().items()} if self.sharded else None)
+            if self.dist.is_main:
+                self._write_final(final, states)
             ddp.barrier(self.dist)
-            return final
+        return final
+
+    def _write_final(self, final: Path, states: dict[str, dict[str, Tensor]] | None) -> None:
         tmp = self.run_dir / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         with ckpt.removed_on_failure(tmp, f"final/ in {self.run_dir}", self._final_lost):
-            self._save_models(tmp, final=True)
+            if states is None:
+                self._save_models(tmp, final=True)
+            else:
+                self._save_gathered(tmp, states)
             ckpt.fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        ddp.barrier(self.dist)
-        return final
 
     def _final_lost(self) -> str:
         """What survives a failed final/ write: the last checkpoint, or nothing."""

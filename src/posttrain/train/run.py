@@ -30,10 +30,11 @@ log = logging.getLogger("posttrain")
 def prepare_run(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Create ``output_dir`` and seed; return (run_dir, checkpoint to resume from or None).
 
-    Joins the torchrun process group when launched with several processes. The resolved
-    config is written by the ``Engine``, once the recipe has made its run-time choices.
+    Joins the torchrun process group when launched with several processes (under fsdp2 a
+    one-rank group otherwise), with ``dist_timeout``. The resolved config is written by the
+    ``Engine``, once the recipe has made its run-time choices.
     """
-    info = ddp.init_distributed()
+    info = ddp.init_distributed(cfg.dist_timeout, need_group=cfg.strategy == "fsdp2")
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
@@ -98,8 +99,12 @@ def truncate_after_step(path: Path, step: int) -> None:
 
 
 def load_policy(cfg: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
-    """(model, tokenizer) from the config's spec, or from the checkpoint when resuming."""
+    """(model, tokenizer) from the config's spec, or from the checkpoint when resuming (a
+    sharded checkpoint's weights are loaded into the sharded model by ``Engine.restore``:
+    here the starting model, of the same shapes)."""
     # Under LoRA a checkpoint holds only the adapter: resume = base from cfg.model + adapter.
+    if resume_from is not None and ckpt.is_sharded(resume_from):
+        resume_from = None
     saved = resume_from / "model" if resume_from is not None else None
     adapter = saved if saved is not None and is_adapter_dir(saved) else None
     spec = str(saved) if saved is not None and adapter is None else cfg.model

@@ -1,0 +1,194 @@
+"""FSDP2 (strategy=fsdp2): 2 processes (torchrun, gloo) == 1 process with the same global batch,
+sharded checkpoints that resume on another world size and after a SIGKILL, and a rank that
+dies or stalls ends the run instead of hanging it.
+
+Tolerances: a 2-rank run sums each gradient in two halves (each rank's micro-batch, then the
+reduce-scatter) where one process sums it in one pass, and the cores' thread count may change
+between steps (train/threads.py), so fp32 results agree to rounding, not bit for bit: losses to
+rel 1e-4 and weights to atol 1e-5 after a few steps at lr 3e-3 (tests/test_distributed.py's
+bounds for DDP). A wrong normaliser or a duplicated batch is off by far more (factors of 2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.train.metrics import read_metrics
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+COMMON = ["model=tiny:nano", "lr=3e-3", "precision=fp32", "grad_accum=2"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(nproc: int, args: list[str], **env: str) -> list[str]:
+    cli = ["-m", "posttrain.cli", *args]
+    if nproc == 1:
+        return [sys.executable, *cli]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_port()), *cli]
+
+
+def run(nproc: int, args: list[str], timeout: float = 240,
+        **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_launch(nproc, args), env={**ENV, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(nproc: int, args: list[str]) -> None:
+    out = run(nproc, args)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def sft(out: Path, data: Path, nproc: int, *extra: str) -> list[str]:
+    """The same global batch (4 sequences x 2 micro-batches) on any number of processes."""
+    return ["sft", *COMMON, f"data={data}", f"output_dir={out}", "max_steps=4", "save_steps=2",
+            f"batch_size={4 // nproc}", *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+            if "train/loss" in r}
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path, name: str = "model.safetensors") -> None:
+    a, b = load_file(a_dir / "final" / name), load_file(b_dir / "final" / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+# ---- no processes --------------------------------------------------------------------------
+
+
+def test_decoder_layers_are_found_through_lora(nano_dir):
+    from posttrain.models.io import load_model
+    from posttrain.models.lora import LoraConfig, apply_lora
+    from posttrain.train.fsdp import decoder_layers
+
+    model = load_model(str(nano_dir))
+    n = model.config.num_hidden_layers
+    assert len(decoder_layers(model)) == n
+    assert len(decoder_layers(apply_lora(model, LoraConfig(r=2)))) == n
+
+
+@pytest.mark.slow
+def test_one_process_fsdp2_equals_plain_training(tmp_path, chat_jsonl):
+    """fsdp2 also runs without torchrun (a one-rank process group): same steps as ddp."""
+    ok(1, sft(tmp_path / "plain", chat_jsonl, 1))
+    ok(1, sft(tmp_path / "fsdp", chat_jsonl, 1, "strategy=fsdp2"))
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "fsdp"), rel=1e-5)
+    assert_same_weights(tmp_path / "plain", tmp_path / "fsdp")
+    step2 = tmp_path / "fsdp" / "checkpoints" / "step-2"
+    assert (step2 / "sharded" / ".metadata").is_file() and not (step2 / "model").exists()
+
+
+# ---- two processes -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """One process (ddp) and two (fsdp2) of the same SFT run, shared by the tests below."""
+    from posttrain.tasks.registry import build_task_rows
+    from tests.conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("fsdp_sft")
+    data = write_jsonl(root / "chat.jsonl", build_task_rows("chat", size=64, seed=1))
+    ok(1, sft(root / "one", data, 1))
+    ok(2, sft(root / "two", data, 2, "strategy=fsdp2"))
+    return root, data
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_sft_equals_one(sft_runs):
+    root, _ = sft_runs
+    assert losses(root / "one") == pytest.approx(losses(root / "two"), rel=1e-4)
+    assert_same_weights(root / "one", root / "two")
+    shards = sorted(p.name for p in (root / "two" / "checkpoints" / "step-2" / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(root / "two" / "final")  # one plain HF directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sharded_checkpoint_resumes_on_any_world_size(sft_runs, tmp_path, nproc):
+    """The 2-rank run's step-2 checkpoint, resumed on 1 and on 2 processes: the next step's
+    loss and the final weights are the uninterrupted run's."""
+    root, data = sft_runs
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(root / "two" / "checkpoints", resumed / "checkpoints")
+    ok(nproc, sft(resumed, data, nproc, "strategy=fsdp2", "resume=true"))
+    got, want = losses(resumed), losses(root / "one")
+    assert min(got) == 3  # resumed after step 2: no step trained twice
+    assert got[3] == pytest.approx(want[3], rel=1e-4)
+    assert got[4] == pytest.approx(want[4], rel=1e-4)
+    assert_same_weights(root / "one", resumed)
+
+
+@pytest.mark.slow
+def test_sigkilled_fsdp2_run_resumes_exactly(sft_runs, tmp_path):
+    """SIGKILL the whole 2-rank run (torchrun and its workers) once a checkpoint exists, at
+    whatever point it has reached; resume: the final weights are the uninterrupted run's."""
+    root, data = sft_runs
+    run_dir = tmp_path / "killed"
+    args = sft(run_dir, data, 2, "strategy=fsdp2", "save_steps=1")
+    proc = subprocess.Popen(_launch(2, args), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not (run_dir / "checkpoints" / "step-1").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final").exists(), "killed too late: the run had finished"
+    ok(2, [*args, "resume=true"])
+    assert_same_weights(root / "two", run_dir)
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # each step logged once
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_dpo_equals_one(tmp_path):
+    args = ["dpo", *COMMON, "data=task:safety_pairs:size=32,off_topic=0", "max_steps=3",
+            f"ref_cache_dir={tmp_path / 'cache'}"]
+    ok(1, [*args, f"output_dir={tmp_path / 'one'}", "batch_size=4"])
+    ok(2, [*args, f"output_dir={tmp_path / 'two'}", "batch_size=2", "strategy=fsdp2"])
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+# ---- failures end the run ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "strategy"), [("exit", "ddp"), ("hang", "fsdp2")])
+def test_a_dead_or_stalled_rank_ends_the_run(tmp_path, chat_jsonl, fault, strategy):
+    """Rank 1 exits (as if killed) or stalls when it starts step 2: the run exits non-zero
+    well within the collective timeout plus start-up, and says which rank fell behind."""
+    timeout = 5
+    t0 = time.monotonic()
+    out = run(2, sft(tmp_path / "run", chat_jsonl, 2, f"strategy={strategy}",
+                     f"dist_timeout={timeout}"), timeout=120, POSTTRAIN_FAULT=f"{fault}@1:2")
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0
+    assert elapsed < 90, elapsed  # start-up (~10 s on 2 cores) + timeout + torchrun's stop
+    if fault == "hang":
+        assert "rank 1 at step 1 (this rank: step 2)" in out.stderr, out.stderr[-3000:]
+    else:  # rank 0 sees the connection drop, or torchrun stops it: either names rank 1
+        assert "rank 1" in out.stderr or "rank      : 1" in out.stderr, out.stderr[-3000:]
