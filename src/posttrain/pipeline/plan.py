@@ -23,7 +23,7 @@ from posttrain.config.loader import config_from_dict
 from posttrain.config.schema import aliases, config_fields
 from posttrain.config.serialize import config_to_dict
 from posttrain.errors import ConfigError
-from posttrain.pipeline.kinds import StageKind, get_kind
+from posttrain.pipeline.kinds import get_kind
 from posttrain.pipeline.refs import ATTRS, Ref, find_refs, substitute
 from posttrain.pipeline.source import Problems, apply_overrides, read_source
 from posttrain.pipeline.spec import OWNED, PipelineSpec, StageSpec, read_spec
@@ -36,7 +36,7 @@ class Stage:
     name: str
     kind: str
     run_dir: Path
-    output: Path  # the model directory ${name.output} means
+    output: Path  # what ${name.output} means: a model directory, a data stage's rows file
     config: dict[str, Any]  # resolved, as its config.yaml will say (resume: false)
     inputs: tuple[str, ...]  # stages it refers to
     fingerprint: str
@@ -177,7 +177,7 @@ def _blame(message: str, paths: dict[str, str], cls: type) -> tuple[str | None, 
 
 def _owned(cls: type, run_dir: Path) -> dict[str, Any]:
     """The keys the pipeline sets (see spec.OWNED), for the kinds that have them."""
-    owned = {"output_dir": str(run_dir), "resume": False, "overwrite": False}
+    owned = {"output_dir": str(run_dir), "resume": False, "overwrite": False, "output": None}
     return {k: v for k, v in owned.items() if k in config_fields(cls)}
 
 
@@ -185,6 +185,13 @@ def _config(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str,
             problems: Problems) -> dict[str, Any] | None:
     """The stage's resolved config with references replaced by ``paths_of``, or None after
     recording the problem."""
+    cfg = _built(spec, s, run_dir, paths_of, problems)
+    return None if cfg is None else config_to_dict(cfg)
+
+
+def _built(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str, Any],
+           problems: Problems) -> Any | None:
+    """The stage's config object (``_config``), or None after recording the problem."""
     kind = get_kind(s.kind)
     cls = kind.config_cls()
     values, paths = _merged(spec, s, cls)
@@ -203,7 +210,7 @@ def _config(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str,
             problems.add(spec.source.where(s.path), f"config key {key!r} is required",
                          stage=s.base, key=key)
             return None
-    return config_to_dict(cfg)
+    return cfg
 
 
 def _from_values(cls: type, values: dict[str, Any], paths: dict[str, str],
@@ -264,8 +271,8 @@ def fingerprint(kind: str, config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _paths(stage: str, run_dir: Path, kind: StageKind) -> dict[str, Path]:
-    return {f"{stage}.dir": run_dir, f"{stage}.output": kind.output(run_dir)}
+def _paths(stage: str, run_dir: Path, output: Path) -> dict[str, Path]:
+    return {f"{stage}.dir": run_dir, f"{stage}.output": output}
 
 
 def build_plan(spec: PipelineSpec) -> Plan:
@@ -281,14 +288,16 @@ def build_plan(spec: PipelineSpec) -> Plan:
     for name in order:
         s, run_dir = _spec(spec, name), out / name
         kind = get_kind(s.kind)
-        config = _config(spec, s, run_dir, real, problems)
-        real.update(_paths(name, run_dir, kind))
-        if problems.lines:  # no plan comes of it; later stages are still checked
+        built = _built(spec, s, run_dir, real, problems)
+        output = kind.output_path(run_dir, built)
+        real.update(_paths(name, run_dir, output))
+        if built is None or problems.lines:  # no plan comes of it; later stages still checked
             continue
+        config = config_to_dict(built)
         fp = fingerprint(s.kind, _config(spec, s, run_dir, hashed, Problems()) or config)
         hashed.update({f"{name}.{a}": f"${{{fp}.{a}}}" for a in ATTRS})
         inputs = tuple(dict.fromkeys(ref.stage for ref, _ in refs[name]))
-        stages.append(Stage(name, s.kind, run_dir, kind.output(run_dir), config, inputs, fp))
+        stages.append(Stage(name, s.kind, run_dir, output, config, inputs, fp))
     problems.check()
     return Plan(spec.source.file, out, spec.workers, tuple(stages))
 

@@ -1,8 +1,9 @@
 """Running a plan: which stages to skip, resume or redo, then the stages, in order or side by side.
 
-A stage is skipped when its ``stage.json`` says done with the same fingerprint and its model
-is there; resumed from its last checkpoint when it has the same fingerprint but did not finish
-(a crash, a SIGKILL); otherwise run from scratch in a fresh directory. A stage whose
+A stage is skipped when its ``stage.json`` says done with the same fingerprint and its output
+is there; resumed when it has the same fingerprint but did not finish (a crash, a SIGKILL) and
+left something to continue (a training stage's last checkpoint, a data stage's finished
+batches of rows); otherwise run from scratch in a fresh directory. A stage whose
 fingerprint changed reruns from scratch, and so does everything downstream, since their
 fingerprints contain its own. ``force`` reruns stages (and what is downstream) from scratch.
 
@@ -64,10 +65,11 @@ def _downstream(plan: Plan, names: Iterable[str]) -> set[str]:
     return found
 
 
-def _latest_checkpoint(stage: Stage) -> Path | None:
-    from posttrain.train.checkpoint import latest_checkpoint
-
-    return latest_checkpoint(stage.run_dir) if "resume" in stage.config else None
+def _resume_point(stage: Stage) -> str | None:
+    """What an interrupted run of the stage would continue from (None: nothing)."""
+    if "resume" not in stage.config:
+        return None
+    return get_kind(stage.kind).resume_point(stage.run_dir)
 
 
 def decide(stage: Stage, forced: bool) -> Step:
@@ -81,10 +83,10 @@ def decide(stage: Stage, forced: bool) -> Step:
     if rec.get("fingerprint") != stage.fingerprint:
         return Step(stage, FRESH, f"changed, fingerprint {rec.get('fingerprint')} -> "
                                   f"{stage.fingerprint}")
-    ckpt = _latest_checkpoint(stage)
-    if ckpt is None:
-        return Step(stage, FRESH, f"{rec.get('status')}, no checkpoint to resume from")
-    return Step(stage, RESUME, f"{rec.get('status')}, resuming from {ckpt.name}")
+    point = _resume_point(stage)
+    if point is None:
+        return Step(stage, FRESH, f"{rec.get('status')}, nothing to resume from")
+    return Step(stage, RESUME, f"{rec.get('status')}, resuming {point}")
 
 
 def plan_steps(plan: Plan, until: str | None = None, only: str | None = None,
@@ -172,7 +174,8 @@ class _Runner:
         if "resume" in config:
             config["resume"] = step.action == RESUME
         if "overwrite" in config:  # killed after writing final/ but before stage.json said so
-            config["overwrite"] = step.action == RESUME
+            continues = get_kind(stage.kind).continues_output  # (a data stage appends instead)
+            config["overwrite"] = step.action == RESUME and not continues
         return config
 
     def finish(self, stage: Stage, produced: str | None, err: BaseException | None) -> None:
@@ -182,7 +185,7 @@ class _Runner:
             log.error("stage %s (%s): failed after %.1f s", stage.name, stage.kind, seconds)
             return
         if produced is not None and Path(produced) != stage.output:
-            log.warning("stage %s wrote its model to %s, not %s", stage.name, produced,
+            log.warning("stage %s wrote its output to %s, not %s", stage.name, produced,
                         stage.output)
         metrics = get_kind(stage.kind).summary(stage.run_dir)
         write_stage(self.plan, stage, "done", seconds, metrics)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.errors import ConfigError
-from posttrain.pipeline.kinds import get_kind
+from posttrain.pipeline.kinds import canonical_kind, get_kind
 from posttrain.pipeline.refs import STAGE_NAME, Ref, RefError, find_refs, substitute
 from posttrain.pipeline.source import Problems, Source
 
@@ -33,7 +33,9 @@ REPEAT_KEYS = ("stages", "rounds", "start")
 # The pipeline sets these in every stage: where it runs, and whether it resumes.
 OWNED = {"output_dir": "every stage runs in <output_dir>/<stage name>",
          "resume": "the pipeline resumes interrupted stages itself",
-         "overwrite": "the pipeline replaces a changed stage's directory itself"}
+         "overwrite": "the pipeline replaces a changed stage's directory itself",
+         "output": "a data stage writes its rows in its own directory; refer to them as "
+                   "${<stage>.output}"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def _stage(src: Source, name: Any, body: Any, problems: Problems) -> StageSpec |
         return None
     _check_owned(src, f"stages.{name}", body, problems, stage=name)
     keys = {str(k): v for k, v in body.items() if k != "kind"}
-    return StageSpec(name, name, str(body["kind"]), keys)
+    return StageSpec(name, name, canonical_kind(str(body["kind"])), keys)
 
 
 def _repeat(src: Source, block: Any, path: str, names: list[str],
