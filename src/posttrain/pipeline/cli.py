@@ -36,7 +36,7 @@ def _check(a: argparse.Namespace) -> int:
     print(f"ok: {plan.file}: {len(plan.stages)} stages -> {plan.output_dir}")
     for s in steps:
         inputs = ", ".join(s.stage.inputs) or "-"
-        print(f"  {s.stage.name:<14} {s.stage.kind:<9} from {inputs:<20} {s.action}: {s.why}")
+        print(f"  {s.stage.name:<14} {s.stage.kind:<10} from {inputs:<20} {s.action}: {s.why}")
     return 0
 
 
@@ -54,7 +54,7 @@ def _kinds() -> int:
     from posttrain.pipeline.kinds import stage_kinds
 
     for name, kind in stage_kinds().items():
-        print(f"{name:<9} {kind.doc}")
+        print(f"{name:<10} {kind.doc}")
     return 0
 
 
