@@ -25,8 +25,15 @@ KINDS = {"sft": "sft", "revise": "cai revise", "sft_cai": "sft", "label": "cai l
 STAGE_NAMES = list(KINDS)
 
 
-def lexical_judge(prompt, first, second, question):  # noqa: ANN001, ANN201
-    return 0.9 if first > second else 0.1  # consistent in both orders: every pair is kept
+def picky_judge(prompt, first, second, question):  # noqa: ANN001, ANN201
+    """Consistent in both orders, except on the first prompt, where it always prefers the
+    first slot: that pair is dropped as order-inconsistent."""
+    from posttrain.data.chat import last_text
+    from posttrain.data.prompts import load_prompt_rows
+
+    if prompt == last_text(load_prompt_rows(PROMPTS)[0]["prompt"]):
+        return 0.9
+    return 0.9 if first > second else 0.1
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -52,7 +59,7 @@ def cai_pipeline(tmp: Path) -> Path:
                         "max_steps": 2},
             "label": {"kind": "cai_label", "model": "${sft_cai.output}", "data": PROMPTS,
                       "constitution": "demo", "temperature": 1.0,
-                      "judge_model": "tests.test_pipeline_data_stages:lexical_judge"},
+                      "judge_model": "tests.test_pipeline_data_stages:picky_judge"},
             "dpo": {"kind": "dpo", "model": "${sft_cai.output}", "data": "${label.output}",
                     "max_steps": 2},
         },
@@ -111,6 +118,7 @@ def test_data_stage_summaries_count_their_rows(cai: dict) -> None:
     m = stage_json(out, "label")["metrics"]
     assert m["data/rows"] == len(pairs) >= 1
     assert m["data/rows"] + m["data/dropped_prompts"] == m["data/prompts"] == 4
+    assert m["data/dropped_order-inconsistent"] == m["data/dropped_prompts"] == 1
     assert m["data/judge_p"] == pytest.approx(sum(r["judge_p"] for r in pairs) / len(pairs))
     assert "data/rows" in (out / "report.md").read_text()  # the report's stage table
 

@@ -166,7 +166,9 @@ def run_generate(cfg: GenerateConfig) -> Path:
 
         return batch
 
-    path = write_rows(cfg, rows, "generate", batches)
+    tally = None if feedback is None else (
+        lambda: {f"dropped_{why}": n for why, n in feedback.dropped.items()})
+    path = write_rows(cfg, rows, "generate", batches, tally)
     if feedback is not None:
         log.info("generate: AI feedback dropped %s", feedback.dropped or "nothing")
     return path
@@ -176,15 +178,19 @@ BatchFn = Callable[[list[tuple[str, Row]], int], list[Row]]
 
 
 def write_rows(cfg: RowsConfig, rows: list[Row], what: str,
-               batches: Callable[[Any, Any], BatchFn]) -> Path:
+               batches: Callable[[Any, Any], BatchFn],
+               tally: Callable[[], dict[str, int]] | None = None) -> Path:
     """The resumable loop every row-writing command shares: open (or continue) the output,
     then for each batch of prompts after the finished ones append ``batch(chunk, start)``'s
     rows; ``batches(model, tokenizer)`` makes ``batch`` once the model is loaded (it is not
-    loaded when every prompt is done)."""
+    loaded when every prompt is done). ``tally()``, when given, returns this run's counts so
+    far (pairs dropped by reason); the sidecar's ``counts`` sums them over every run that
+    wrote the output, batch by batch with the rows."""
     from posttrain.models.io import load_model, load_tokenizer
 
     path = cfg.path
     done = open_output(cfg, path)
+    before: dict[str, int] = json.loads(meta_path(path).read_text()).get("counts", {})
     tok = load_tokenizer(cfg.model)
     prompts = encode_prompts(cfg, rows, tok)
     check_same_prompts(path, prompts, done)
@@ -196,7 +202,8 @@ def write_rows(cfg: RowsConfig, rows: list[Row], what: str,
         for start in range(done, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]
             out = batch(chunk, start)
-            append_rows(path, out, start + len(chunk), chunk[-1][0])
+            extra = {} if tally is None else {"counts": _summed(before, tally())}
+            append_rows(path, out, start + len(chunk), chunk[-1][0], **extra)
             advance(len(chunk), len(out))
     return path
 
@@ -312,9 +319,14 @@ def check_same_prompts(path: Path, prompts: list[tuple[str, Row]], done: int) ->
                         f"data any more (the data changed?); overwrite=true regenerates it")
 
 
-def append_rows(path: Path, rows: list[Row], prompts_done: int, last_id: str) -> None:
+def _summed(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(a.keys() | b.keys())}
+
+
+def append_rows(path: Path, rows: list[Row], prompts_done: int, last_id: str,
+                counts: dict[str, int] | None = None) -> None:
     """Append one batch's rows, then record it finished (rows first: a kill in between only
-    leaves bytes that the next run cuts and regenerates)."""
+    leaves bytes that the next run cuts and regenerates), with ``counts`` when given."""
     with open(path, "ab") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
         f.flush()
@@ -323,7 +335,8 @@ def append_rows(path: Path, rows: list[Row], prompts_done: int, last_id: str) ->
     meta = meta_path(path)
     state = json.loads(meta.read_text())
     _write_meta(meta, {**state, "prompts_done": prompts_done, "bytes": size,
-                       "last_prompt_id": last_id})
+                       "last_prompt_id": last_id, **({} if counts is None else
+                                                     {"counts": counts})})
 
 
 # --- sampling, scoring and selection --------------------------------------------------------

@@ -142,13 +142,20 @@ def _sidecars(run_dir: Path) -> list[Path]:
             for m in sorted(run_dir.glob("*.meta.json"))]
 
 
-def _prompts_done(rows_file: Path) -> int:
+def _meta(rows_file: Path) -> dict[str, Any]:
+    """The rows file's sidecar: prompts done, and the command's counts (e.g. dropped pairs)."""
     from posttrain.generate.run import meta_path
 
     try:
-        return int(json.loads(meta_path(rows_file).read_text()).get("prompts_done", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
+        meta = json.loads(meta_path(rows_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _prompts_done(rows_file: Path) -> int:
+    done = _meta(rows_file).get("prompts_done", 0)
+    return done if isinstance(done, int) else 0
 
 
 def rows_to_resume(run_dir: Path) -> str | None:
@@ -160,9 +167,11 @@ def rows_to_resume(run_dir: Path) -> str | None:
 def rows_summary(run_dir: Path) -> dict[str, Any]:
     """A data stage's ``stage.json`` metrics, under ``data/``: per rows file, the prompts
     done, rows written, prompts that gave no row (dropped: filtered out, judged a tie or
-    inconsistently, an empty revision, ...), and what its rows carry (truncated answers,
-    rewards, judge probabilities, revisions that changed the answer); plus the numbers of the
-    command's own ``summary.json`` when it writes one. Several rows files: ``data/<stem>/``."""
+    inconsistently, an empty revision, ...), the counts the command keeps in the sidecar
+    (``dropped_tie``, ``dropped_order-inconsistent``, ...), and what its rows carry (truncated
+    answers, rewards, judge probabilities, revisions that changed the answer); plus the
+    numbers of the command's own ``summary.json`` when it writes one. Several rows files:
+    ``data/<stem>/``."""
     files = _sidecars(run_dir)
     out: dict[str, Any] = {}
     for f in files:
@@ -186,6 +195,9 @@ def _rows_stats(path: Path) -> dict[str, Any]:
     with_rows = len({r.get("prompt_id") for r in rows if isinstance(r, dict)})
     stats: dict[str, Any] = {"prompts": prompts, "rows": len(rows),
                              "dropped_prompts": max(prompts - with_rows, 0)}
+    counts = _meta(path).get("counts")
+    if isinstance(counts, dict):
+        stats.update({str(k): v for k, v in counts.items() if isinstance(v, int | float)})
 
     def mean(key: str, fn: Callable[[dict], Any]) -> None:  # over the rows fn applies to
         vals = [float(v) for r in rows if isinstance(r, dict)
