@@ -403,3 +403,13 @@ def test_the_options_load_from_the_command_line() -> None:
         load_config(RedteamConfig, None, ["data=safety", "attacker=m", "attacker_prompt=Hi"])
     with pytest.raises(ConfigError, match="listed twice"):
         load_config(RedteamConfig, None, ["data=safety", "attacker=[templates,templates]"])
+
+
+def test_a_pipeline_stage_output_is_the_pairs_when_they_are_asked_for(tmp_path):
+    from posttrain.pipeline.kinds import command_output
+    from posttrain.redteam.config import RedteamConfig
+
+    pairs = RedteamConfig(output_dir=str(tmp_path), to_preferences=True)
+    plain = RedteamConfig(output_dir=str(tmp_path))
+    assert command_output(pairs) == tmp_path / "preferences.jsonl"
+    assert command_output(plain) == tmp_path / "successes.jsonl"

@@ -60,7 +60,7 @@ def run_redteam(cfg: RedteamConfig) -> Path:
     if cfg.to_preferences:
         from posttrain.redteam.preferences import write_preferences
 
-        out = cfg.sibling("preferences.jsonl")
+        out = cfg.stage_output()
         summary["preferences"] = write_preferences(cfg, cfg.path, out)
         if not summary["preferences"]["rows"]:
             log.warning("redteam: no attack succeeded, so %s has no rows", out)
