@@ -173,6 +173,43 @@ def test_two_process_fsdp2_dpo_equals_one(tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
+def test_two_process_fsdp2_grpo_trains_whole_groups_and_resumes_on_one(tmp_path):
+    """Each rank samples, rewards and trains its own whole groups (its sampling seed differs,
+    so the completions, unlike SFT's and DPO's batches, are not those of one process: the
+    update itself is the engine's, checked above). Every group of a step is trained on one
+    rank or another, the export is one HF directory, and the sharded checkpoint resumes on
+    one process."""
+    args = ["grpo", "model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=3",
+            "prompts_per_step=4", "num_generations=4", "max_new_tokens=8", "lr=3e-3",
+            "rewards=[tests.test_fsdp:digit_frac]", "precision=fp32", "save_steps=2",
+            "batch_size=4", "strategy=fsdp2"]  # one group per micro-batch
+    ok(2, [*args, f"output_dir={tmp_path / 'two'}"])
+    rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "train/loss" in r]
+    # Both ranks' groups with reward spread are trained (zero-spread ones are skipped, so a
+    # rank may have fewer micro-batches than the other: it pads, or FSDP2 would hang).
+    trained = [r["grpo/groups_trained"] for r in rows]
+    assert trained == [4 - round(4 * r["grpo/zero_std_frac"]) for r in rows]
+    assert len(set(trained)) > 1 and min(trained) > 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoints", resumed / "checkpoints")
+    ok(1, [*args, f"output_dir={resumed}", "resume=true"])
+    assert sorted(losses(resumed)) == [3]
+
+
+def test_each_rank_takes_whole_contiguous_groups():
+    from posttrain.train.distributed import DistInfo
+    from posttrain.train.online import rank_slice
+
+    rows = [{"i": i} for i in range(8)]
+    parts = [rank_slice(rows, DistInfo(rank=r, world_size=4)) for r in range(4)]
+    assert [row for p in parts for row in p] == rows and all(len(p) == 2 for p in parts)
+
+
 # ---- failures end the run ------------------------------------------------------------------
 
 
@@ -192,3 +229,9 @@ def test_a_dead_or_stalled_rank_ends_the_run(tmp_path, chat_jsonl, fault, strate
         assert "rank 1 at step 1 (this rank: step 2)" in out.stderr, out.stderr[-3000:]
     else:  # rank 0 sees the connection drop, or torchrun stops it: either names rank 1
         assert "rank 1" in out.stderr or "rank      : 1" in out.stderr, out.stderr[-3000:]
+
+
+def digit_frac(prompts: list, completions: list, **_: object) -> list[float]:
+    """A reward a random tiny model's samples spread on: the share of digits it writes."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]

@@ -17,6 +17,11 @@ token|sequence (GSPO), ``epsilon_low``/``epsilon_high`` (clip-higher), ``beta``/
 ``dynamic_sampling``, ``overlong_buffer``, ``mask_truncated``. The loop, set-up and checkpoints
 are ``train/online.py``'s. Each logged step's advantages go to ``instruments.jsonl``
 (INSTRUMENT 5.2; drawn by ``posttrain report``).
+
+Under torchrun each rank takes a contiguous share of the step's prompts and samples, rewards
+and trains on their whole groups (no group is split, so group advantages need no
+communication); its sampling seed includes its rank. Ranks pad to the same number of
+micro-batches with zero-weight ones, since FSDP2's collectives run per forward.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ from posttrain.rewards.config import RewardConfig
 from posttrain.rewards.scoring import lengths, no_eos_frac, pass_rate, score_rollouts
 from posttrain.rollout import Rollouts
 from posttrain.rollout.batching import build_batch
-from posttrain.train import online
+from posttrain.train import distributed as ddp
+from posttrain.train import fsdp, online
 from posttrain.train.engine import Engine
 
 
@@ -168,6 +174,7 @@ class GRPO:
     def step(self) -> dict[str, float]:
         cfg = self.cfg
         batch, stats = self.collect()
+        stats = self.over_ranks(stats)
         self.warn(stats)
         t0 = time.perf_counter()
         adv = compute_advantages(batch.rewards, cfg.advantage, cfg.scale_rewards)  # (B, G)
@@ -180,7 +187,8 @@ class GRPO:
             metrics.update(self.engine.update(mbs, partial(self.loss, first=it == 0), count,
                                               extra_count=skipped))
         stats["time/train_s"] = time.perf_counter() - t0
-        stats["grpo/groups_trained"] = float(sum(mb["num_groups"] for mb in mbs))
+        stats["grpo/groups_trained"] = ddp.all_reduce_sum(
+            float(sum(mb["num_groups"] for mb in mbs)), self.engine.dist, self.engine.device)
         stats.update(online.time_fractions(stats, ("generate", "reward", "train")))
         self.record_advantages(adv)
         return {**metrics, **stats}
@@ -205,6 +213,8 @@ class GRPO:
             eps_high=cfg.epsilon_high, aggregation=cfg.loss_type,
             importance_sampling=cfg.importance_sampling, ref_logp=mb.get("ref_logp"),
             beta=cfg.beta, kl_estimator=cfg.kl_estimator)
+        if mb.get("pad"):  # a rank's padding (``padding``): the graph runs, nothing counts
+            loss = loss * 0.0
         if first:
             m = mb["mask"]
             metrics["grpo/entropy"] = ent[m].mean()
@@ -241,11 +251,25 @@ class GRPO:
                                            < cfg.prompts_per_step])
         return batch, stats
 
+    def over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Rollout statistics of the whole step: each rank's (equal-sized) share averaged,
+        maxima taken over ranks."""
+        info, dev = self.engine.dist, self.engine.device
+        if not info.enabled:
+            return stats
+        return {k: (ddp.all_reduce_max(v, info, dev) if k.endswith("max_length") else
+                    ddp.all_reduce_sum(v, info, dev) / info.world_size)
+                for k, v in stats.items()}
+
     def generate(self, rows: list[Row], round_: int) -> tuple[StepBatch, dict[str, float]]:
-        cfg, G = self.cfg, self.cfg.num_generations
-        seed = (cfg.seed * 1_000_003 + self.engine.step * 101 + round_) % 2**62
+        """Sample, score and shape the groups of this rank's share of ``rows``."""
+        rows = online.rank_slice(rows, self.engine.dist)
+        cfg, G, rank = self.cfg, self.cfg.num_generations, self.engine.dist.rank
+        seed = (cfg.seed * 1_000_003 + self.engine.step * 101 + round_ + rank * 7_919) % 2**62
         t0 = time.perf_counter()
-        ro = self.generator.generate([r["_ids"] for r in rows], G, cfg.sampling.params(seed))
+        # All ranks sample at once; the gathered weights let their lengths differ (fsdp2).
+        with fsdp.gathered(self.engine.model):
+            ro = self.generator.generate([r["_ids"] for r in rows], G, cfg.sampling.params(seed))
         t1 = time.perf_counter()
         out, _ = score_rollouts(self.rewards, self.tokenizer, rows, ro)
         metrics = dict(out.metrics)
@@ -292,15 +316,31 @@ class GRPO:
                     cfg.sampling.max_new_tokens)
                 continue
             groups.append((prompt, ks, adv.view(-1)[ks]))
-        mbs, cur = [], []
+        chunks, cur = [], []
         for g in groups:
             if cur and sum(len(x[1]) for x in cur) + len(g[1]) > cfg.batch_size:
-                mbs.append(self.make_mb(cur, batch))
+                chunks.append(cur)
                 cur = []
             cur.append(g)
         if cur:
-            mbs.append(self.make_mb(cur, batch))
-        return mbs, skipped
+            chunks.append(cur)
+        mbs = [self.make_mb(c, batch) for c in chunks]
+        return mbs + self.padding(len(mbs), batch, adv), skipped
+
+    def padding(self, have: int, batch: StepBatch, adv: Tensor) -> list[dict[str, Any]]:
+        """Zero-weight micro-batches (one of this rank's groups) up to the most any rank has:
+        every rank then runs as many forwards and backwards, which FSDP2's per-forward
+        collectives need; they add nothing to the gradient, the loss or the metrics."""
+        info = self.engine.dist
+        if not info.enabled or not batch.ro.prompt_ids:
+            return []
+        need = int(ddp.all_reduce_max(float(have), info, self.engine.device)) - have
+        n = batch.ro.n
+        group = [(batch.ro.prompt_ids[0], list(range(n)), torch.zeros_like(adv.view(-1)[:n]))]
+        pads = [self.make_mb(group, batch) for _ in range(need)]
+        for mb in pads:
+            mb["count"], mb["num_groups"], mb["pad"] = 0.0, 0, True
+        return pads
 
     def make_mb(self, groups: list[tuple[Any, list[int], Tensor]],
                 batch: StepBatch) -> dict[str, Any]:
@@ -332,9 +372,11 @@ class GRPO:
 
     # -- evaluation and state ------------------------------------------------------------
     def evaluate(self, rows: list[Row]) -> dict[str, float]:
-        return evaluate_rewards(self.generator, self.rewards, self.tokenizer, rows,
-                                self.cfg.sampling.max_new_tokens, self.accuracy_of,
-                                self.cfg.eval.batch_size)
+        """Every rank evaluates the same held-out rows (rank 0 logs them)."""
+        with fsdp.gathered(self.engine.model):
+            return evaluate_rewards(self.generator, self.rewards, self.tokenizer, rows,
+                                    self.cfg.sampling.max_new_tokens, self.accuracy_of,
+                                    self.cfg.eval.batch_size)
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -343,10 +385,23 @@ class GRPO:
         pass
 
 
+def check_across_ranks(cfg: GRPOConfig, info: ddp.DistInfo) -> None:
+    """Refuse under torchrun what needs the whole step's groups on one rank."""
+    if not info.enabled:
+        return
+    if cfg.dynamic_sampling:
+        raise ConfigError("dynamic_sampling=true runs in one process: its refills count "
+                          "groups over the whole step")
+    if cfg.advantage == "reinforce_pp" or cfg.scale_rewards == "batch":
+        raise ConfigError(f"advantage={cfg.advantage} with scale_rewards={cfg.scale_rewards} "
+                          "uses whole-batch reward statistics: run it in one process")
+
+
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run GRPO end to end; returns the final HF model directory."""
-    run = online.start_online(cfg)
+    run = online.start_online(cfg, across_ranks=True)
     cfg = run.cfg
+    check_across_ranks(cfg, ddp.current())
     engine = Engine(cfg, run.model, run.tokenizer, run.run_dir, run.steps * cfg.num_iterations)
     ref = None
     if cfg.beta > 0:

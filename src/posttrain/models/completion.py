@@ -38,17 +38,31 @@ def completion_hidden(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     at the positions predicting each real completion token, in ``batch["mask"]`` order."""
     base = _base(model)
     body = getattr(base, base.base_model_prefix)
-    if "prefix_layout" in batch:
-        kwargs = prefix_forward_kwargs(batch)
-    else:
-        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                  "use_cache": False, **packed_kwargs(batch)}
-    hidden = body(**kwargs).last_hidden_state[0]  # (N, d)
+    hidden = body(**_forward_kwargs(batch)).last_hidden_state[0]  # (N, d)
     return hidden[batch["pred_pos"][batch["mask"]]]
+
+
+def _forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    if "prefix_layout" in batch:
+        return prefix_forward_kwargs(batch)
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            "use_cache": False, **packed_kwargs(batch)}
+
+
+def _data_parallel(model: nn.Module) -> bool:
+    """DDP- or FSDP2-wrapped: their hooks (gradient sync, weight gathering) run on the whole
+    model's forward, not on a call of its body alone."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, FSDPModule | DistributedDataParallel)
 
 
 def completion_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """A causal LM's fp32 logits (M, V) at the positions predicting each completion token."""
+    if _data_parallel(model):  # the same head over the same rows, via the model's forward
+        rows = batch["pred_pos"][batch["mask"]]
+        return model(**_forward_kwargs(batch), logits_to_keep=rows).logits[0].float()
     return _base(model).get_output_embeddings()(completion_hidden(model, batch)).float()
 
 

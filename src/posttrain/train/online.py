@@ -119,13 +119,18 @@ class OnlineRun:
         return PromptCursor(self.rows, self.cfg.prompts_per_step, self.cfg.seed)
 
 
-def start_online(cfg: OnlineConfig) -> OnlineRun:
+def start_online(cfg: OnlineConfig, across_ranks: bool = False) -> OnlineRun:
     """Run dir, policy, prompt rows (train and held-out), reward: the set-up of any online
-    recipe, before its own models and state."""
+    recipe, before its own models and state. ``across_ranks``: the recipe splits each step's
+    prompts over torchrun's ranks (``rank_slice``); other recipes run in one process."""
     run_dir, resume_from = prepare_run(cfg)
-    if ddp.current().enabled:  # every rank would draw the same prompts: no speed-up, no error
-        raise ConfigError("online RL (grpo, ppo) runs in one process: no torchrun data "
-                          "parallelism yet")
+    info = ddp.current()
+    if info.enabled and not across_ranks:  # every rank would draw the same prompts
+        raise ConfigError(f"{type(cfg).__name__.removesuffix('Config').lower()} runs in one "
+                          "process: no torchrun data parallelism yet")
+    if info.enabled and cfg.prompts_per_step % info.world_size:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
+                          f"{info.world_size} ranks: each rank takes whole groups of the step")
     # Rows and rewards before the policy: a reward the data cannot feed fails in seconds.
     raw = load_prompt_rows(cfg.data, "train", cfg.on_bad_row)
     raw_held = load_prompt_rows(cfg.eval_data, "test", cfg.on_bad_row) if cfg.eval_data else None
@@ -175,6 +180,13 @@ def run_online(engine: Engine, recipe: OnlineRecipe, cursor: PromptCursor,
         return engine.save_final()
     finally:
         engine.close()
+
+
+def rank_slice(rows: list[Row], info: ddp.DistInfo) -> list[Row]:
+    """This rank's contiguous share of one step's prompts: each prompt's whole group of
+    completions is sampled, rewarded and trained on this rank."""
+    k = len(rows) // info.world_size
+    return rows[info.rank * k:(info.rank + 1) * k]
 
 
 def policy_sampler(engine: Engine) -> KVCacheGenerator:
