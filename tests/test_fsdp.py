@@ -201,6 +201,64 @@ def test_two_process_fsdp2_grpo_trains_whole_groups_and_resumes_on_one(tmp_path)
     assert sorted(losses(resumed)) == [3]
 
 
+REPLAY = '''
+import sys
+from posttrain.algorithms.grpo import GRPO, GRPOConfig
+from posttrain.config import load_config
+from posttrain.rollout import Rollouts
+from posttrain.train import online
+from posttrain.train.engine import Engine
+
+
+class Replay:
+    """Completions that depend only on the prompt and the sample's index in its group; a
+    prompt of even token sum gets the same completion n times (a zero-spread group)."""
+
+    def generate(self, prompts, n, sampling):
+        idx = lambda p, j: j if sum(p) % 2 else 0  # noqa: E731
+        comps = [[(sum(p) * 7 + 13 * idx(p, j) + k * 5) % 200 + 30
+                  for k in range(2 + (sum(p) + idx(p, j)) % 5)]
+                 for p in prompts for j in range(n)]
+        return Rollouts([list(p) for p in prompts], comps, [[0.0] * len(c) for c in comps],
+                        ["stop"] * len(comps), n)
+
+
+run = online.start_online(load_config(GRPOConfig, None, sys.argv[1:]), across_ranks=True)
+engine = Engine(run.cfg, run.model, run.tokenizer, run.run_dir, run.steps)
+cursor = run.cursor()
+grpo = GRPO(run.cfg, engine, cursor, run.rewards, None)
+grpo.generator = Replay()
+online.run_online(engine, grpo, cursor, None, None)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_grpo_update_equals_one_on_the_same_rollouts(tmp_path):
+    """The GRPO recipe (rank shares, rewards, advantages, zero-spread skipping, padding,
+    FSDP2 update, reduced metrics) with the sampler replaced by one whose completions depend
+    only on the prompt: 2 ranks == 1 process with the same global batch."""
+    script = tmp_path / "replay.py"
+    script.write_text(REPLAY)
+    args = ["model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=4",
+            "prompts_per_step=4", "num_generations=4", "max_new_tokens=8", "lr=3e-3",
+            "rewards=[tests.test_fsdp:text_length]", "precision=fp32", "batch_size=4",
+            "strategy=fsdp2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(_port()), str(script)]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    for cmd, out in (([sys.executable, str(script)], "one"), (launch, "two")):
+        done = subprocess.run([*cmd, *args, f"output_dir={tmp_path / out}"], env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    for key in ("train/loss", "grpo/groups_trained", "reward/mean"):
+        a = [r[key] for r in one if key in r]
+        assert a and a == pytest.approx([r[key] for r in two if key in r], rel=1e-4, abs=1e-6)
+    trained = [r["grpo/groups_trained"] for r in one if "train/loss" in r]
+    assert any(0 < t < 4 for t in trained)  # zero-spread groups skipped: a rank pads
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
 def test_each_rank_takes_whole_contiguous_groups():
     from posttrain.train.distributed import DistInfo
     from posttrain.train.online import rank_slice
@@ -235,3 +293,9 @@ def digit_frac(prompts: list, completions: list, **_: object) -> list[float]:
     """A reward a random tiny model's samples spread on: the share of digits it writes."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+def text_length(prompts: list, completions: list, **_: object) -> list[float]:
+    """A reward the replayed completions (of 2 to 6 tokens) spread on: their length."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [len(t) / 10 for t in texts]
