@@ -163,14 +163,25 @@ def test_sigkilled_fsdp2_run_resumes_exactly(sft_runs, tmp_path):
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # each step logged once
 
 
+DPO = ["dpo", *COMMON, "data=task:safety_pairs:size=32,off_topic=0", "max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def dpo_one(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_dpo")
+    ok(1, [*DPO, f"output_dir={root / 'one'}", "batch_size=4", f"ref_cache_dir={root}"])
+    return root / "one"
+
+
 @pytest.mark.slow
-def test_two_process_fsdp2_dpo_equals_one(tmp_path):
-    args = ["dpo", *COMMON, "data=task:safety_pairs:size=32,off_topic=0", "max_steps=3",
-            f"ref_cache_dir={tmp_path / 'cache'}"]
-    ok(1, [*args, f"output_dir={tmp_path / 'one'}", "batch_size=4"])
-    ok(2, [*args, f"output_dir={tmp_path / 'two'}", "batch_size=2", "strategy=fsdp2"])
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
-    assert_same_weights(tmp_path / "one", tmp_path / "two")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_dpo_equals_one(dpo_one, tmp_path, strategy):
+    """Each rank takes its half of every batch of pairs (the reference log-probs are
+    precomputed on each rank for all pairs)."""
+    ok(2, [*DPO, f"output_dir={tmp_path / 'two'}", "batch_size=2", f"strategy={strategy}",
+           f"ref_cache_dir={tmp_path}"])
+    assert losses(dpo_one) == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+    assert_same_weights(dpo_one, tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -232,31 +243,45 @@ online.run_online(engine, grpo, cursor, None, None)
 '''
 
 
-@pytest.mark.slow
-def test_two_process_fsdp2_grpo_update_equals_one_on_the_same_rollouts(tmp_path):
-    """The GRPO recipe (rank shares, rewards, advantages, zero-spread skipping, padding,
-    FSDP2 update, reduced metrics) with the sampler replaced by one whose completions depend
-    only on the prompt: 2 ranks == 1 process with the same global batch."""
+GRPO_REPLAY = ["model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=4",
+               "prompts_per_step=4", "num_generations=4", "max_new_tokens=8", "lr=3e-3",
+               "rewards=[tests.test_fsdp:text_length]", "precision=fp32", "batch_size=4"]
+
+
+def replay(tmp_path: Path, out: str, nproc: int, *extra: str) -> list[dict]:
     script = tmp_path / "replay.py"
     script.write_text(REPLAY)
-    args = ["model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=4",
-            "prompts_per_step=4", "num_generations=4", "max_new_tokens=8", "lr=3e-3",
-            "rewards=[tests.test_fsdp:text_length]", "precision=fp32", "batch_size=4",
-            "strategy=fsdp2"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_port", str(_port()), str(script)]
+    cmd = [sys.executable, str(script)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_port()), str(script)]
     env = {**ENV, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    for cmd, out in (([sys.executable, str(script)], "one"), (launch, "two")):
-        done = subprocess.run([*cmd, *args, f"output_dir={tmp_path / out}"], env=env,
-                              capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    done = subprocess.run([*cmd, *GRPO_REPLAY, *extra, f"output_dir={tmp_path / out}"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_metrics(tmp_path / out / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def grpo_one(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_grpo")
+    return root, replay(root, "one", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_grpo_update_equals_one_on_the_same_rollouts(grpo_one, tmp_path, strategy):
+    """The GRPO recipe (rank shares, rewards, advantages, zero-spread skipping, padding,
+    the update, reduced metrics) with the sampler replaced by one whose completions depend
+    only on the prompt: 2 ranks == 1 process with the same global batch."""
+    root, one = grpo_one
+    two = replay(tmp_path, "two", 2, f"strategy={strategy}")
     for key in ("train/loss", "grpo/groups_trained", "reward/mean"):
         a = [r[key] for r in one if key in r]
         assert a and a == pytest.approx([r[key] for r in two if key in r], rel=1e-4, abs=1e-6)
     trained = [r["grpo/groups_trained"] for r in one if "train/loss" in r]
     assert any(0 < t < 4 for t in trained)  # zero-spread groups skipped: a rank pads
-    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(root / "one", tmp_path / "two")
 
 
 def test_each_rank_takes_whole_contiguous_groups():
