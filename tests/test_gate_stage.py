@@ -13,7 +13,7 @@ from posttrain.errors import PosttrainError
 from posttrain.pipeline import PipelineError, load_plan, run_pipeline
 
 
-def pipeline(tmp_path: Path, threshold: str) -> Path:
+def pipeline(tmp_path: Path, threshold: str, on_fail: str = "stop") -> Path:
     body = f"""
         output_dir: {tmp_path / 'out'}
         workers: 1
@@ -36,6 +36,7 @@ def pipeline(tmp_path: Path, threshold: str) -> Path:
             thresholds: ["{threshold}", "accuracy <= 1"]
             model: ${{sft.output}}
             publish: {tmp_path / 'release'}
+            on_fail: {on_fail}
           after:
             kind: eval
             model: ${{sft.output}}
@@ -65,6 +66,14 @@ def test_a_failing_gate_stops_the_pipeline_and_publishes_nothing(tmp_path: Path)
     assert not (tmp_path / "out" / "after" / "eval.json").exists()
     verdict = json.loads((tmp_path / "out" / "gate" / "gate.json").read_text())
     assert not verdict["passed"] and [c["passed"] for c in verdict["checks"]] == [False, True]
+
+
+def test_a_recording_gate_lets_the_pipeline_go_on_and_publishes_nothing(tmp_path: Path) -> None:
+    run_pipeline(pipeline(tmp_path, "ended_turn_rate >= 2", on_fail="record"))
+    assert not (tmp_path / "release").exists()
+    assert (tmp_path / "out" / "after" / "eval.json").exists()
+    stage = json.loads((tmp_path / "out" / "gate" / "stage.json").read_text())
+    assert stage["metrics"]["gate/passed"] == 0.0 and stage["metrics"]["gate/failed"] == 1.0
 
 
 def test_a_bad_threshold_is_found_before_anything_runs(tmp_path: Path) -> None:

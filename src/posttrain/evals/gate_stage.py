@@ -4,7 +4,10 @@ A gate stage checks an eval stage's results against thresholds (``evals.gate``).
 threshold passes and ``publish`` is set, the gated model is copied to that release location
 (atomically: a temporary copy renamed into place). When one fails, the stage fails with every
 failed threshold in its message, so the pipeline stops and nothing after the gate runs: a
-failing model is never published. The verdict is written to ``gate.json`` either way.
+failing model is never published. ``on_fail: record`` instead records the failed verdict and
+lets the pipeline go on (nothing is published): for gating candidates side by side, as the
+demo gates its base and SFT models next to its final one. The verdict is written to
+``gate.json`` either way.
 
     gate:
       kind: gate
@@ -22,7 +25,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from posttrain.config.checks import Needs
 from posttrain.errors import ConfigError, PosttrainError
@@ -57,6 +60,9 @@ class GateStageConfig:
     publish: str | None = field(default=None, metadata={
         "help": "copy the model here when the gate passes (its release location)"})
     output_dir: str = field(default="runs/gate", metadata={"help": "gate.json goes here"})
+    on_fail: Literal["stop", "record"] = field(default="stop", metadata={
+        "help": "stop: a failed gate fails the stage (the pipeline stops); record: the "
+                "verdict is recorded and the pipeline goes on (nothing is published)"})
 
     def validate(self) -> None:
         if not self.results:
@@ -95,6 +101,10 @@ def run_gate_stage(cfg: GateStageConfig) -> Path:
     lines = format_verdict(verdict)
     for line in lines:
         log.info("gate: %s", line)
+    if not verdict.passed and cfg.on_fail == "record":
+        log.warning("gate: %s failed; recorded (on_fail: record), not published",
+                    cfg.model or cfg.results)
+        return out
     if not verdict.passed:
         raise GateFailed(f"release gate failed for {cfg.model or cfg.results}: {lines[-1]}")
     if cfg.publish:
