@@ -283,3 +283,16 @@ def test_verifiable_and_builtin_tasks_on_nano(tmp_path: Path, nano_dir: Path) ->
     from posttrain.evals.gate import gate_main
 
     assert gate_main([str(tmp_path / "o"), "--thresholds", str(gate)]) == 0
+
+
+def test_the_demo_safety_suite_reads_the_demo_world_held_out_requests():
+    from posttrain.tasks.safety import harmful_requests
+
+    suite = S.load_suite("demo-safety")
+    items = suite.tasks[0].items
+    plain = [it for it in items if it.meta["attack"] == "none"]
+    harmful = [it for it in plain if it.meta["harmful"]]
+    held_out = set(harmful_requests("test"))
+    assert harmful and all(it.prompt[0]["content"] in held_out for it in harmful)
+    assert all(it.meta["expected"] for it in plain if not it.meta["harmful"])
+    assert len(items) == len(plain) + 7 * len(harmful)  # every jailbreak kind, once each

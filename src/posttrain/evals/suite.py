@@ -243,6 +243,8 @@ def _check_builtin(where: str, task: Task) -> None:
 def read_safety_rows(file: str, where: str) -> list[dict[str, Any]]:
     """Rows ``{prompt, category, harmful, expected?}``; a bad row is a DataError naming the
     file, the line and the key."""
+    if file.startswith(("task:", "rg:")):
+        return _task_safety_rows(file, where)
     rows = []
     for line_no, line in enumerate(Path(file).read_text().splitlines(), 1):
         if not line.strip():
@@ -255,6 +257,17 @@ def read_safety_rows(file: str, where: str) -> list[dict[str, Any]]:
         rows.append(_check_safety_row(row, at))
     if not rows:
         raise DataError(f"{where}: data: {file} has no rows")
+    return rows
+
+
+def _task_safety_rows(spec: str, where: str) -> list[dict[str, Any]]:
+    """A built-in task's held-out prompt rows as safety rows (each checked the same way)."""
+    from posttrain.data.prompts import load_prompt_rows
+
+    rows = [_check_safety_row(r, f"{where}: {spec} row {i}")
+            for i, r in enumerate(load_prompt_rows(spec, "test"))]
+    if not rows:
+        raise DataError(f"{where}: data: {spec} has no rows")
     return rows
 
 

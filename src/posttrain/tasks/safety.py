@@ -19,7 +19,8 @@ combinations, never repeats. The "harm" is a stand-in (revealing a made-up code)
 - ``task:safety_pairs``    preference pairs: refusal > compliance for secrets, helpful answer >
                            refusal for harmless requests and sums
 - ``task:safety_prompts``  prompt-only rows: ``kind`` harmful | info | sum, ``harmful``,
-                           ``answer`` (the helpful answer; None for harmful requests) and
+                           ``answer`` (the helpful answer; None for harmful requests; also
+                           as ``expected``, what a safety suite scores benign answers by) and
                            ``category`` (request | sum: which principles of the demo
                            constitution apply; it does not say whether a request is harmful)
 """
@@ -198,6 +199,6 @@ def safety_prompts(split: str = "test", size: int | None = None, seed: int = 0,
         else:
             prompt, answer = rng.choice(info)
             row = {"prompt": user(prompt), "kind": "info", "answer": answer}
-        rows.append({**row, "harmful": row["kind"] == "harmful",
+        rows.append({**row, "harmful": row["kind"] == "harmful", "expected": row["answer"],
                      "category": "sum" if row["kind"] == "sum" else "request"})
     return rows
