@@ -324,3 +324,13 @@ def text_length(prompts: list, completions: list, **_: object) -> list[float]:
     """A reward the replayed completions (of 2 to 6 tokens) spread on: their length."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [len(t) / 10 for t in texts]
+
+
+def test_ranks_on_one_node_share_one_sandbox_pool(monkeypatch):
+    from posttrain.sandbox import pool
+
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = pool.default_workers()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert alone == 32 and pool.default_workers() * 8 == alone

@@ -16,8 +16,10 @@ from posttrain.sandbox.runner import make_config, resolve_isolation, run_program
 
 def default_workers() -> int:
     # Start-up (fork, exec, namespace setup) waits on the kernel, so a few more threads than
-    # cores keeps the cores busy; see benchmarks/sandbox_bench.py.
-    return 2 * (os.cpu_count() or 1)
+    # cores keeps the cores busy; see benchmarks/sandbox_bench.py. torchrun's ranks on one
+    # node (LOCAL_WORLD_SIZE) share its cores: one pool per node, split between them.
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, 2 * (os.cpu_count() or 1) // local_ranks)
 
 
 def run_many(programs: Sequence[str], *, workers: int | None = None,
