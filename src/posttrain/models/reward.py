@@ -123,6 +123,10 @@ def _one_label(config: Any) -> Any:
 
 
 def _head_and_body(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):  # its body calls run DDP's hooks
+        model = model.module
     head = getattr(model, "score", None)
     body = getattr(model, model.base_model_prefix, None)
     if head is None or body is None:

@@ -117,7 +117,39 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.local_rank] if torch.cuda.is_available() else None
-    return DistributedDataParallel(model, device_ids=ids)
+    wrapped = DistributedDataParallel(model, device_ids=ids)
+    _route_body_calls(wrapped)
+    return wrapped
+
+
+def _route_body_calls(wrapped: nn.Module) -> None:
+    """Recipes may call the model's body directly, then a head on the positions they need
+    (a reward model's score head, ``models/reward.py``): such a call runs DDP's forward
+    bookkeeping (gradient sync on the backward), as if DDP's own forward wrapped it."""
+    inner = wrapped.module
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if not isinstance(body, nn.Module) or body is inner:
+        return
+    depth: list[int] = [0]  # > 0 inside DDP's own forward: nothing to add
+    routed: list[bool] = []
+
+    def enter(*_: object) -> None:
+        depth[0] += 1
+
+    def leave(*_: object) -> None:
+        depth[0] -= 1
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        routed.append(depth[0] == 0)
+        return wrapped._pre_forward(*args, **kwargs) if routed[-1] else (args, kwargs)
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        return wrapped._post_forward(output) if routed.pop() else output
+
+    wrapped.register_forward_pre_hook(enter)
+    wrapped.register_forward_hook(leave, always_call=True)
+    body.register_forward_pre_hook(pre, with_kwargs=True)
+    body.register_forward_hook(post, with_kwargs=True)
 
 
 def barrier(info: DistInfo) -> None:

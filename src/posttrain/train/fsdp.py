@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 from torch.distributed.tensor import DTensor
 
 from posttrain.errors import TrainingError
@@ -75,7 +76,33 @@ def shard(model: nn.Module, precision: str, cpu_offload: bool) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    _route_body_calls(model)
     return model
+
+
+def _route_body_calls(model: nn.Module) -> None:
+    """Recipes call a model's body directly, then a head on the positions they need
+    (``models/completion.py``, ``models/reward.py``): such a call runs the root's FSDP2
+    forward hooks, as if the root's own forward wrapped it. The root's weights (embeddings,
+    final norm, heads) are then gathered for the head, its gradients reduce-scattered at the
+    end of the backward, as in a root forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if not isinstance(body, nn.Module) or body is model:
+        return
+    state = model._get_fsdp_state()  # type: ignore[operator]
+    routed: list[bool] = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        nested = state._training_state == TrainingState.FORWARD  # inside the root's forward
+        routed.append(not nested)
+        return (args, kwargs) if nested else state._pre_forward(model, args, kwargs)
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return state._post_forward(model, args, output) if routed.pop() else output
+
+    body.register_forward_pre_hook(pre, with_kwargs=True)
+    body.register_forward_hook(post, with_kwargs=True)
 
 
 def is_sharded(model: nn.Module) -> bool:
