@@ -88,17 +88,6 @@ def test_decoder_layers_are_found_through_lora(nano_dir):
     assert len(decoder_layers(apply_lora(model, LoraConfig(r=2)))) == n
 
 
-@pytest.mark.slow
-def test_one_process_fsdp2_equals_plain_training(tmp_path, chat_jsonl):
-    """fsdp2 also runs without torchrun (a one-rank process group): same steps as ddp."""
-    ok(1, sft(tmp_path / "plain", chat_jsonl, 1))
-    ok(1, sft(tmp_path / "fsdp", chat_jsonl, 1, "strategy=fsdp2"))
-    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "fsdp"), rel=1e-5)
-    assert_same_weights(tmp_path / "plain", tmp_path / "fsdp")
-    step2 = tmp_path / "fsdp" / "checkpoints" / "step-2"
-    assert (step2 / "sharded" / ".metadata").is_file() and not (step2 / "model").exists()
-
-
 # ---- two processes -------------------------------------------------------------------------
 
 
@@ -113,6 +102,31 @@ def sft_runs(tmp_path_factory):
     ok(1, sft(root / "one", data, 1))
     ok(2, sft(root / "two", data, 2, "strategy=fsdp2"))
     return root, data
+
+
+@pytest.mark.slow
+def test_one_process_fsdp2_equals_plain_training(sft_runs, tmp_path):
+    """fsdp2 also runs without torchrun (a one-rank process group): same steps as ddp."""
+    root, data = sft_runs
+    ok(1, sft(tmp_path / "fsdp", data, 1, "strategy=fsdp2"))
+    assert losses(root / "one") == pytest.approx(losses(tmp_path / "fsdp"), rel=1e-5)
+    assert_same_weights(root / "one", tmp_path / "fsdp")
+    step2 = tmp_path / "fsdp" / "checkpoints" / "step-2"
+    assert (step2 / "sharded" / ".metadata").is_file() and not (step2 / "model").exists()
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_under_fsdp2_on_two_processes(sft_runs, tmp_path):
+    """A replica's checkpoint (HF weights + one optimizer state) continued by 2 sharded
+    ranks: each takes its shard of the AdamW moments, and the run ends as the DDP one."""
+    root, data = sft_runs
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(root / "one" / "checkpoints", resumed / "checkpoints")
+    ok(2, sft(resumed, data, 2, "strategy=fsdp2", "resume=true"))
+    assert sorted(losses(resumed)) == [3, 4]
+    assert losses(resumed)[4] == pytest.approx(losses(root / "one")[4], rel=1e-4)
+    assert_same_weights(root / "one", resumed)
 
 
 @pytest.mark.slow

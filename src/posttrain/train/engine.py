@@ -345,16 +345,19 @@ class Engine:
     def restore(self, checkpoint: Path) -> dict[str, Any]:
         """Load optimizers/schedulers/RNG/counters (model weights are loaded by the caller,
         except from a sharded checkpoint, which holds them with the optimizer states and
-        re-shards them to this run's world size); returns the trainer state (``cursor``,
-        ``extra``)."""
+        re-shards them to this run's world size; a ``strategy=ddp`` checkpoint resumes under
+        fsdp2 too, its optimizer state sharded on load); returns the trainer state
+        (``cursor``, ``extra``)."""
         state = ckpt.load_trainer_state(checkpoint)
         if ckpt.is_sharded(checkpoint):
             with ddp.peer_failure(self.dist, self.step, f"loading {checkpoint}",
                                   self.cfg.dist_timeout):
                 fsdp.load_sharded(checkpoint / ckpt.SHARDED_DIR, self._parts())
-        elif self.sharded:
-            raise TrainingError(f"{checkpoint} was written with strategy=ddp (one optimizer "
-                                "state per replica); resume it with strategy=ddp")
+        elif self.sharded:  # a replica's optimizer state (strategy=ddp): shard it
+            fsdp.load_replica_optimizer(self.model, self.optimizer, state.pop("optimizer"))
+            for name, opt in self.others.items():
+                fsdp.load_replica_optimizer(opt.model, opt.optimizer,
+                                            state["models"][name].pop("optimizer"))
         self.policy.load_state_dict(state)
         for name, opt in self.others.items():
             opt.load_state_dict(state["models"][name])

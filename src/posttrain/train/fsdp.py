@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -211,6 +212,23 @@ def load_sharded(path: Path, parts: dict[str, tuple[nn.Module, torch.optim.Optim
         if trained & set(keys.missing_keys):
             raise TrainingError(f"{path}: no saved weights for the trained parameters "
                                 f"{sorted(trained & set(keys.missing_keys))[:3]} of {name}")
+
+
+def load_replica_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                           saved: dict[str, Any]) -> None:
+    """Load an unsharded optimizer's ``state_dict`` (a ``strategy=ddp`` checkpoint: states by
+    parameter index) into the optimizer of the sharded ``model``: each rank keeps its shard."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if len(names) != len(saved["state"]) and saved["state"]:
+        raise TrainingError(f"the checkpoint's optimizer has states for {len(saved['state'])} "
+                            f"parameters, the model trains {len(names)}")
+    by_name = {
+        "state": {names[int(i)]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                         for g in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _group() -> dist.ProcessGroup | None:
