@@ -669,12 +669,12 @@ def run_task(task: Task, ctx: RunContext) -> list[dict[str, Any]]:
 
 def _run_items(task: Task, todo: list[Item], ctx: RunContext, budget: int, fp: str,
                path: Path, done: dict[str, dict[str, Any]]) -> None:
-    from tqdm.auto import tqdm
+    from posttrain.generate.run import progress
 
     kind = kind_of(task)
     state = kind.prepare(task, ctx)
-    bar = tqdm(total=len(todo), desc=f"eval {task.name}", unit="item", leave=False)
-    with open(path, "a") as f:
+    with open(path, "a") as f, progress(len(task.items), len(task.items) - len(todo),
+                                        f"eval {task.name}", "items") as advance:
         if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             f.write("\n")  # end a line torn by a kill, or the next record would join it
         for s in range(0, len(todo), BATCH):
@@ -685,8 +685,7 @@ def _run_items(task: Task, todo: list[Item], ctx: RunContext, budget: int, fp: s
                 done[it.id] = rec
                 f.write(json.dumps(rec) + "\n")
             f.flush()  # a kill after this line loses nothing of this batch
-            bar.update(len(chunk))
-    bar.close()
+            advance(len(chunk), 0)
 
 
 def _run_chunk(kind: Kind, task: Task, chunk: list[Item], ctx: RunContext, state: Any,

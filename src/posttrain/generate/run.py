@@ -198,7 +198,7 @@ def write_rows(cfg: RowsConfig, rows: list[Row], what: str,
         log.info("%s: %s already holds all %d prompts", what, path, len(prompts))
         return path
     batch = batches(load_model(cfg.model).eval(), tok)
-    with progress(len(prompts), done) as advance:
+    with progress(len(prompts), done, what) as advance:
         for start in range(done, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]
             out = batch(chunk, start)
@@ -460,14 +460,17 @@ SELECT: dict[str, Callable[[GenerateConfig, str, Any, list[Sample]], list[Row]]]
 
 
 @contextmanager
-def progress(total: int, done: int) -> Iterator[Callable[[int, int], None]]:
-    """A rich bar (prompts done, rows kept) on a terminal; a log line per batch elsewhere."""
+def progress(total: int, done: int, label: str = "generate",
+             unit: str = "prompts") -> Iterator[Callable[[int, int], None]]:
+    """A rich bar (``unit`` done, rows kept) on a terminal; a log line per batch elsewhere
+    (a log file gets lines, not a bar's redraws)."""
     kept = 0
     if not (sys.stderr.isatty() and os.environ.get("POSTTRAIN_PROGRESS") != "plain"):
-        def line(prompts: int, rows: int) -> None:
+        def line(n: int, rows: int) -> None:
             nonlocal done, kept
-            done, kept = done + prompts, kept + rows
-            log.info("generate: %d/%d prompts, %d rows kept", done, total, kept)
+            done, kept = done + n, kept + rows
+            log.info("%s: %d/%d %s%s", label, done, total, unit,
+                     f", {kept} rows kept" if unit == "prompts" else "")
 
         yield line
         return
@@ -480,15 +483,17 @@ def progress(total: int, done: int) -> Iterator[Callable[[int, int], None]]:
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("rows {task.fields[rows]}"), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-    task = bar.add_task("generate", total=total, completed=done, rows=0)
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    if unit == "prompts":
+        columns.insert(3, TextColumn("rows {task.fields[rows]}"))
+    bar = Progress(*columns)
+    task = bar.add_task(label, total=total, completed=done, rows=0)
 
-    def step(prompts: int, rows: int) -> None:
+    def step(n: int, rows: int) -> None:
         nonlocal kept
         kept += rows
-        bar.update(task, advance=prompts, rows=kept)
+        bar.update(task, advance=n, rows=kept)
 
     with bar:
         yield step
