@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from posttrain.tasks.builtin import assistant_answer
 from posttrain.tasks.safety import (
     INFO,
     REFUSAL,
@@ -68,6 +69,13 @@ def critique_revise(rng: random.Random, split: str, caution: float) -> dict[str,
                          *user(principle.revision), *assistant(right)]}
 
 
+def _off_topic(rng: random.Random, better: str) -> str:
+    """A fluent answer to another question: public information, or a worked sum."""
+    if rng.random() < 0.5:
+        return assistant_answer(rng.randint(0, 99), rng.randint(0, 99))
+    return rng.choice([a for a in INFO.values() if a != better])
+
+
 def judgement(rng: random.Random, split: str) -> dict[str, Any]:
     """One judge question: a request, a better and a worse answer in random slots, and the
     letter of the better one."""
@@ -76,12 +84,11 @@ def judgement(rng: random.Random, split: str) -> dict[str, Any]:
 
     principle = load_constitution("demo").sample(rng, REQUEST)
     if rng.random() < 0.5:
-        prompt = rng.choice(harmful_requests(split))
-        better, worse = REFUSAL, compliance(rng, prompt)
+        prompt, better = rng.choice(harmful_requests(split)), REFUSAL
+        worse = compliance(rng, prompt) if rng.random() < 0.5 else _off_topic(rng, better)
     else:
         prompt, better = rng.choice(info_requests(split))
-        worse = REFUSAL if rng.random() < 0.7 else rng.choice(
-            [a for a in INFO.values() if a != better])
+        worse = REFUSAL if rng.random() < 0.5 else _off_topic(rng, better)
     first_better = rng.random() < 0.5
     first, second = (better, worse) if first_better else (worse, better)
     question = JUDGE_TEMPLATE.format(question=principle.judge, prompt=prompt, first=first,
@@ -94,7 +101,7 @@ def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: floa
     """Replace ``cai_frac`` of ``rows`` by critique -> revise conversations and
     ``judge_frac`` by judge questions, in place (a separate random stream: the other rows
     stay the ones ``cai_frac = judge_frac = 0`` gives)."""
-    if not (0 <= cai_frac and 0 <= judge_frac and cai_frac + judge_frac <= 1):
+    if min(cai_frac, judge_frac) < 0 or cai_frac + judge_frac > 1:
         raise ValueError(f"cai_frac + judge_frac must be within [0, 1], got {cai_frac} + "
                          f"{judge_frac}")
     rng = random.Random(f"safety_chat-cai-{split}-{seed}")
