@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from copy import deepcopy
@@ -207,7 +208,8 @@ def precompute_reference(
     values = torch.cat(out)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(values)}")
+        # pid: torchrun's ranks compute the same values at once, each into its own file
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{id(values)}")
         torch.save(values, tmp)
         tmp.replace(path)  # atomic: a concurrent run never reads half a file
     dt = time.perf_counter() - t0

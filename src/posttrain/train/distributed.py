@@ -124,8 +124,9 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def _route_body_calls(wrapped: nn.Module) -> None:
     """Recipes may call the model's body directly, then a head on the positions they need
-    (a reward model's score head, ``models/reward.py``): such a call runs DDP's forward
-    bookkeeping (gradient sync on the backward), as if DDP's own forward wrapped it."""
+    (a reward model's score head, ``models/reward.py``): such a call with gradients runs
+    DDP's forward bookkeeping (gradient sync on the backward), as if DDP's own forward
+    wrapped it."""
     inner = wrapped.module
     body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     if not isinstance(body, nn.Module) or body is inner:
@@ -140,7 +141,8 @@ def _route_body_calls(wrapped: nn.Module) -> None:
         depth[0] -= 1
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        routed.append(depth[0] == 0)
+        # Forwards without gradients (evaluation, possibly on rank 0 alone) stay local.
+        routed.append(depth[0] == 0 and torch.is_grad_enabled())
         return wrapped._pre_forward(*args, **kwargs) if routed[-1] else (args, kwargs)
 
     def post(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
