@@ -100,7 +100,7 @@ def sft_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_sft")
     data = write_jsonl(root / "chat.jsonl", build_task_rows("chat", size=64, seed=1))
     ok(1, sft(root / "one", data, 1))
-    ok(2, sft(root / "two", data, 2, "strategy=fsdp2"))
+    ok(2, sft(root / "two", data, 2, "strategy=fsdp2", "hf_checkpoints=true"))
     return root, data
 
 
@@ -134,11 +134,13 @@ def test_two_process_fsdp2_sft_equals_one(sft_runs):
     root, _ = sft_runs
     assert losses(root / "one") == pytest.approx(losses(root / "two"), rel=1e-4)
     assert_same_weights(root / "one", root / "two")
-    shards = sorted(p.name for p in (root / "two" / "checkpoints" / "step-2" / "sharded").iterdir())
+    step2 = root / "two" / "checkpoints" / "step-2"
+    shards = sorted(p.name for p in (step2 / "sharded").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(root / "two" / "final")  # one plain HF directory
+    AutoModelForCausalLM.from_pretrained(step2 / "model")  # hf_checkpoints=true
 
 
 @pytest.mark.slow

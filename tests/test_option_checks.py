@@ -126,6 +126,7 @@ UNUSED: dict[str, tuple[list[str], list[str]]] = {
                             ["lora.r=8", "lora.target_modules=q_proj"]),
     "lora.merge": (["lora.merge=true"], ["lora.r=8", "lora.merge=true"]),
     "cpu_offload": (["cpu_offload=true"], ["strategy=fsdp2", "cpu_offload=true"]),
+    "hf_checkpoints": (["hf_checkpoints=true"], ["strategy=fsdp2", "hf_checkpoints=true"]),
     "label_smoothing": (["loss=ipo", "label_smoothing=0.1"],
                         ["loss=robust", "label_smoothing=0.1"]),
     "simpo_gamma": (["loss=dpo", "simpo_gamma=0.5"], ["loss=simpo", "simpo_gamma=0.5"]),

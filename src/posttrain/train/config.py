@@ -28,6 +28,7 @@ class TrainConfig:
         "epochs": Needs("max_steps", (-1,), "max_steps > 0 sets the run's length"),
         "eval_steps": Needs("eval_data", None, "evaluation runs on eval_data"),
         "cpu_offload": Needs("strategy", ("fsdp2",), "only FSDP2 offloads its shards"),
+        "hf_checkpoints": Needs("strategy", ("fsdp2",), "ddp checkpoints are HF directories"),
     }
 
     model: str = field(
@@ -87,6 +88,11 @@ class TrainConfig:
         default=False,
         metadata={"help": "fsdp2: keep the shards and the optimizer step on the CPU (saves "
                           "accelerator memory, costs transfers)"},
+    )
+    hf_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "fsdp2: each checkpoint also holds the full model as an HF directory "
+                          "(model/, gathered to rank 0), for evaluating it while training runs"},
     )
     dist_timeout: float = field(
         default=1800.0,

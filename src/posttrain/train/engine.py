@@ -333,9 +333,22 @@ class Engine:
 
     def _save_sharded(self, cursor: dict[str, Any], extra: dict[str, Any] | None) -> Path:
         return ckpt.save_sharded_checkpoint(
-            self.run_dir, self.step, lambda path: fsdp.save_sharded(path, self._parts()),
+            self.run_dir, self.step, self._write_shards,
             self._trainer_state(cursor, extra, optimizer=False), self.cfg.save_total_limit,
             self.dist)
+
+    def _write_shards(self, path: Path) -> None:
+        """Every rank's shards into ``path``; with ``hf_checkpoints`` also the gathered model
+        in HF format beside it (``model/``, as a ddp checkpoint holds it)."""
+        fsdp.save_sharded(path, self._parts())
+        if self.cfg.hf_checkpoints:
+            states = self._gather()
+            if self.dist.is_main:
+                self._save_gathered(path.parent / "model", states, final=False)
+
+    def _gather(self) -> dict[str, dict[str, Tensor]]:
+        """Every trained model's full weights on rank 0 (every rank must call it)."""
+        return {name: fsdp.full_state_dict(model) for name, (model, _) in self._parts().items()}
 
     def _parts(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
         """Every trained model with its optimizer, by checkpoint name."""
@@ -385,11 +398,12 @@ class Engine:
         for name, opt in self.others.items():
             save_pretrained_for_run(opt.model, self.tokenizer, path / name, merge=merge)
 
-    def _save_gathered(self, path: Path, states: dict[str, dict[str, Tensor]]) -> None:
+    def _save_gathered(self, path: Path, states: dict[str, dict[str, Tensor]],
+                       final: bool) -> None:
         """Rank 0: the full weights gathered from the shards, as ``_save_models`` writes them."""
         for name, (model, _) in self._parts().items():
             out = path if name == "policy" else path / name
-            if name == "policy" and has_lora(model) and self.cfg.lora.merge:
+            if final and name == "policy" and has_lora(model) and self.cfg.lora.merge:
                 save_pretrained_for_run(self._replica(states[name]), self.tokenizer, out,
                                         merge=True)
                 continue
@@ -417,8 +431,7 @@ class Engine:
         self._assert_finite()
         final = self.run_dir / "final"
         with ddp.peer_failure(self.dist, self.step, "the final export", self.cfg.dist_timeout):
-            states = ({name: fsdp.full_state_dict(model)
-                       for name, (model, _) in self._parts().items()} if self.sharded else None)
+            states = self._gather() if self.sharded else None
             if self.dist.is_main:
                 self._write_final(final, states)
             ddp.barrier(self.dist)
@@ -431,7 +444,7 @@ class Engine:
             if states is None:
                 self._save_models(tmp, final=True)
             else:
-                self._save_gathered(tmp, states)
+                self._save_gathered(tmp, states, final=True)
             ckpt.fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
