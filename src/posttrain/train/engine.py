@@ -162,14 +162,17 @@ class Engine:
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             use_warm_host_memory()  # steps reuse warm pages (train/allocator.py)
-        self.dist = ddp.current()
+        self.sharded = cfg.strategy == "fsdp2"
+        # prepare_run joins the process group; an engine built without it (a library caller)
+        # still needs one to shard over
+        self.dist = (ddp.init_distributed(cfg.dist_timeout, need_group=True) if self.sharded
+                     else ddp.current())
         if cfg.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)()
             model.config.use_cache = False
         if cfg.compile:
             compile_decoder_layers(model)
-        self.sharded = cfg.strategy == "fsdp2"
         if self.sharded:  # in place: the optimizer below must see the DTensor shards
             fsdp.shard(model, cfg.precision, cfg.cpu_offload)
         self.policy = ModelOptimizer(cfg, model, cfg.lr, total_steps)
