@@ -319,10 +319,9 @@ class Engine:
 
     def _trainer_state(self, cursor: dict[str, Any], extra: dict[str, Any] | None,
                        optimizer: bool) -> dict[str, Any]:
-        state = {"step": self.step, **self.policy.state_dict(optimizer), "rng": ckpt.rng_state(),
-                 "cursor": cursor, "extra": extra or {},
-                 "models": {name: opt.state_dict(optimizer) for name, opt in self.others.items()}}
-        return state
+        return {"step": self.step, **self.policy.state_dict(optimizer), "rng": ckpt.rng_state(),
+                "cursor": cursor, "extra": extra or {},
+                "models": {name: opt.state_dict(optimizer) for name, opt in self.others.items()}}
 
     def _save_replicated(self, cursor: dict[str, Any], extra: dict[str, Any] | None) -> Path:
         path = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}"
