@@ -171,6 +171,7 @@ UNUSED: dict[str, tuple[list[str], list[str]]] = {
     "eval:constitution": (["constitution=demo"], ["checks=[judge]", "constitution=demo"]),
     "refusal": (["refusal=No."], ["to_preferences=true", "refusal=No."]),
     "revise": (["revise=true"], ["to_preferences=true", "revise=true"]),
+    "contrast": (["contrast=true"], ["to_preferences=true", "contrast=true"]),
 }
 
 

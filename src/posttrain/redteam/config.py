@@ -20,7 +20,7 @@ ATTACKER_PROMPT = (
     "only.\n\nRequest: {request}")
 # Options that shape only the preference rows: a run may turn them on (or change them) after
 # the search without redoing it (unless revise=true, which writes revisions during the search).
-_PREFERENCE_ONLY = ("to_preferences", "refusal")
+_PREFERENCE_ONLY = ("to_preferences", "refusal", "contrast")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RedteamConfig(RowsConfig):
         "constitution": Needs("to_preferences", (True,)),
         "refusal": Needs("to_preferences", (True,)),
         "revise": Needs("to_preferences", (True,)),
+        "contrast": Needs("to_preferences", (True,)),
     }
 
     model: str = field(default="tiny", metadata={"help": "the target model under attack"})
@@ -87,6 +88,10 @@ class RedteamConfig(RowsConfig):
     revise: bool = field(default=False, metadata={
         "help": "to_preferences: the target critiques and revises its answer under the "
                 "constitution; a revision that refuses is chosen, else the fixed refusal"})
+    contrast: bool = field(default=False, metadata={
+        "help": "to_preferences: also pairs from the harmless rows of data, plain and in the "
+                "same templates: the target's own answer over the refusal (keeps a red-team "
+                "round from teaching to refuse every wrapped request)"})
 
     def validate(self) -> None:
         from posttrain.evals.jailbreak import KINDS

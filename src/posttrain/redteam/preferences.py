@@ -60,9 +60,11 @@ def revise_answers(cfg: RedteamConfig, model: Any, tok: Any, rows: list[dict[str
         r.update(principle=p.name, critique=cr.strip(), revision=rv.strip())
 
 
-def write_preferences(cfg: RedteamConfig, successes: Path, out: Path) -> dict[str, int]:
-    """preferences.jsonl from the successes file (rewritten whole, atomically); returns how
-    many rows chose a revision and how many the fixed refusal."""
+def write_preferences(cfg: RedteamConfig, successes: Path, out: Path,
+                      contrast: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    """preferences.jsonl from the successes file, then the ``contrast`` pairs (rewritten
+    whole, atomically); returns how many rows chose a revision, the fixed refusal, and how
+    many are contrast pairs."""
     from posttrain.cai import load_constitution
     from posttrain.evals.suite import verdict
 
@@ -82,6 +84,9 @@ def write_preferences(cfg: RedteamConfig, successes: Path, out: Path) -> dict[st
             "attack": s["attack"], "template": s["template"],
             "constitution": constitution.name, "chosen_by": "revision" if revised else "refusal",
         }) + "\n")
+    lines += [json.dumps({**c, "constitution": constitution.name}) + "\n"
+              for c in contrast or []]
+    counts["contrast"] = len(contrast or [])
     counts["rows"] = len(lines)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(lines))

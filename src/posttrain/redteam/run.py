@@ -61,7 +61,7 @@ def run_redteam(cfg: RedteamConfig) -> Path:
         from posttrain.redteam.preferences import write_preferences
 
         out = cfg.stage_output()
-        summary["preferences"] = write_preferences(cfg, cfg.path, out)
+        summary["preferences"] = write_preferences(cfg, cfg.path, out, _contrast(cfg))
         if not summary["preferences"]["rows"]:
             log.warning("redteam: no attack succeeded, so %s has no rows", out)
     _write_json(cfg.sibling("summary.json"), summary)
@@ -74,10 +74,7 @@ def load_requests(cfg: RedteamConfig) -> list[dict[str, Any]]:
     line), each with a ``category`` (``uncategorized`` when it has none)."""
     from posttrain.data.prompts import load_prompt_rows
 
-    spec = str(cfg.data)
-    if spec == SHIPPED_DATA and not Path(spec).exists():
-        spec = str(Path(__file__).parents[1] / "evals" / "files" / "safety_prompts.jsonl")
-    rows = load_prompt_rows(spec, cfg.split)
+    rows = load_prompt_rows(data_spec(cfg), cfg.split)
     harmful = [r for r in rows if r.get("harmful", True) is not False]
     if len(harmful) < len(rows):
         log.info("redteam: %s: %d rows with harmful=false left out", cfg.data,
@@ -92,6 +89,14 @@ def load_requests(cfg: RedteamConfig) -> list[dict[str, Any]]:
                             f"got {category!r}")
         out.append({**r, "category": category})
     return out
+
+
+def data_spec(cfg: RedteamConfig) -> str:
+    """``data`` as a loadable spec (``safety``: the shipped safety prompts)."""
+    spec = str(cfg.data)
+    if spec == SHIPPED_DATA and not Path(spec).exists():
+        spec = str(Path(__file__).parents[1] / "evals" / "files" / "safety_prompts.jsonl")
+    return spec
 
 
 def _constitution(cfg: RedteamConfig) -> Any:
@@ -143,6 +148,17 @@ class _Batch:
             {"prompt_id": r.id, "request": r.text, "category": r.category, **a}
             for r in reqs for a in r.attempts))
         return wins
+
+
+def _contrast(cfg: RedteamConfig) -> list[dict[str, Any]]:
+    if not cfg.contrast:
+        return []
+    from posttrain.cai import load_constitution
+    from posttrain.redteam.contrast import contrast_pairs
+    from posttrain.redteam.preferences import fixed_refusal
+
+    pairs, _ = contrast_pairs(cfg, fixed_refusal(cfg, load_constitution(cfg.constitution)))
+    return pairs
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
