@@ -289,3 +289,13 @@ def test_a_new_data_command_becomes_a_stage_kind(tmp_path: Path,
                               "summary/counts/made": 4}
     run_pipeline(pipe)
     assert len(TOY_RUNS) == 2  # done: skipped
+
+
+def test_stage_tables_show_headline_numbers_not_breakdowns():
+    from posttrain.pipeline.kinds import headline_metrics
+
+    metrics = {"safety.refusal": {"value": 0.9, "low": 0.8, "high": 0.95, "n": 60},
+               "safety.by_category.request.refusal": {"value": 1.0},
+               "by_attack.base64.attempt_success": 0.5, "accuracy": 0.54, "passed": True,
+               "note": "text"}
+    assert headline_metrics(metrics, "s/") == {"s/safety.refusal": 0.9, "s/accuracy": 0.54}

@@ -93,10 +93,8 @@ def _training_kinds() -> dict[str, StageKind]:
 
 
 def _eval_kind() -> StageKind:
-    from posttrain.evals.run import read_metrics
-
     cmd = COMMANDS["eval"]
-    return StageKind(cmd.doc, cmd.config_cls, cmd.run, summary=read_metrics,
+    return StageKind(cmd.doc, cmd.config_cls, cmd.run, summary=eval_summary,
                      output=lambda run_dir: run_dir)
 
 
@@ -180,8 +178,31 @@ def rows_summary(run_dir: Path) -> dict[str, Any]:
     summary = run_dir / _SUMMARY_FILE
     if summary.is_file():
         with contextlib.suppress(ValueError):  # a summary torn by a kill: rows still count
-            out.update(_numbers(json.loads(summary.read_text()), "summary/"))
+            doc = json.loads(summary.read_text())
+            out.update(headline_metrics(doc.get("metrics", {}), "summary/"))
+            out.update(_numbers({k: v for k, v in doc.items() if k != "metrics"}, "summary/"))
     return out
+
+
+def headline_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers a stage's table row shows: an interval as its value; the breakdowns (any
+    key with a ``by_...`` part: per category, per attack) stay in the eval's own files."""
+    out: dict[str, float] = {}
+    for key, v in metrics.items():
+        if any(part.startswith("by_") for part in re.split(r"[./]", key)):
+            continue
+        if isinstance(v, dict) and isinstance(v.get("value"), int | float):
+            v = v["value"]
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[prefix + key] = v
+    return out
+
+
+def eval_summary(run_dir: Path) -> dict[str, Any]:
+    """An eval stage's ``stage.json`` metrics: its headline numbers (``headline_metrics``)."""
+    from posttrain.evals.run import read_metrics
+
+    return headline_metrics(read_metrics(run_dir))
 
 
 def _rows_stats(path: Path) -> dict[str, Any]:

@@ -8,7 +8,8 @@ The whole schema is here, so reports read it from one place::
                     "fingerprint": "3f2a...", "inputs": {"sft": "<sft's fingerprint>"},
                     "seconds": 12.3 | null, "metrics": {<last value of each metric>},
                     "error": "<message>" (failed only),
-                    "evaluates": "sft" (an eval stage: whose model it evaluated)}
+                    "evaluates": "sft" (an eval or gate stage: whose model it
+                                        evaluated or gated)}
 
 Both are written atomically (a temporary file renamed into place), so a kill at any moment
 leaves the previous version or the new one.
@@ -59,8 +60,9 @@ def write_stage(plan: Plan, stage: Stage, status: str, seconds: float | None = N
 
 
 def _evaluated(plan: Plan, stage: Stage) -> str | None:
-    """For an eval stage, the stage whose model it evaluates (its ``model`` is that output)."""
-    if stage.kind != "eval":
+    """For an eval or gate stage, the stage whose model it evaluates or gates (its ``model``
+    is that output): the report shows its results in that model's column."""
+    if stage.kind not in ("eval", "gate"):
         return None
     return next((n for n in stage.inputs if str(plan[n].output) == stage.config.get("model")),
                 None)
