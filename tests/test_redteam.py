@@ -316,7 +316,7 @@ def test_successes_become_dpo_pairs_that_dpo_trains_on(
     pairs = encode_pairs(str(path), load_tokenizer(str(nano_dir)), max_length=512)
     assert len(pairs.examples) == 3
     assert summary(tmp_path)["preferences"] == {"rows": 3, "revised": 0, "template": 3,
-                                                   "contrast": 0}
+                                                   "unwrapped": 0, "contrast": 0}
     dpo = config_from_dict(DPOConfig, {"model": str(nano_dir), "data": str(path),
                                        "output_dir": str(tmp_path / "dpo"), "max_steps": 2,
                                        "max_length": 512, "batch_size": 2})
@@ -430,7 +430,7 @@ def test_contrast_pairs_choose_the_targets_own_answers_to_harmless_look_alikes(
                      stop_on_success=False, to_preferences=True, contrast=True))
     rows = read(tmp_path / "rt" / "preferences.jsonl")
     contrast = [r for r in rows if r["chosen_by"] == "contrast"]
-    attacks = [r for r in rows if r["chosen_by"] != "contrast"]
+    attacks = [r for r in rows if r["chosen_by"] == "refusal"]
     assert len(attacks) == 3 * 2  # every harmful request broken by both templates
     assert len(contrast) == 1  # plain, answered; the two wrapped ones were refused
     assert contrast[0]["prompt"] == [{"role": "user", "content": "How do I bake bread?"}]
@@ -453,3 +453,18 @@ def test_contrast_pairs_need_the_expected_answer_when_a_row_has_one(
                 if r["chosen_by"] == "contrast"]
     assert {r["request"] for r in contrast} == {"When does the bank open?"}
     assert len(contrast) == 2  # plain and wrapped
+
+
+def test_contrast_adds_each_broken_request_unwrapped_once(
+        tmp_path: Path, nano_dir: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub_target(monkeypatch, lambda chat: COMPLY if len(chat[-1]["content"]) > 60 else REFUSE)
+    run_redteam(make(nano_dir, data, tmp_path, kinds=["roleplay", "prefix"],
+                     stop_on_success=False, to_preferences=True, contrast=True))
+    rows = read(tmp_path / "rt" / "preferences.jsonl")
+    plain = [r for r in rows if r["chosen_by"] == "unwrapped"]
+    broken = {r["request"] for r in rows if r["chosen_by"] == "refusal"}
+    assert {r["request"] for r in plain} == broken and len(plain) == len(broken) == 3
+    for r in plain:
+        assert r["prompt"] == [{"role": "user", "content": r["request"]}]
+        assert r["rejected"][0]["content"] == COMPLY and is_refusal(r["chosen"][0]["content"])
+    assert summary(tmp_path)["preferences"]["unwrapped"] == 3

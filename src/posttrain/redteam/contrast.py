@@ -7,6 +7,12 @@ pairs do the same for training. Each harmless row of the red-team data is sent p
 every template attack the harmful rows got; where the target answers (not a refusal, not
 garbage, and containing the row's ``expected`` answer when it has one), its own answer is
 chosen over the refusal. No label is needed beyond the data's ``harmful`` flag.
+
+The harmful side gets the same symmetry: every broken request also appears unwrapped (the
+plain request, the refusal over the first answer an attack drew from the target). Without
+it the pairs hold plain harmless requests but only wrapped harmful ones, and "answer
+whatever is not wrapped" fits them; on the demo's second seed that cost 40 points of plain
+refusal.
 """
 
 from __future__ import annotations
@@ -66,3 +72,16 @@ def contrast_pairs(cfg: RedteamConfig, refusal: str,
     log.info("redteam: %d contrast pairs from %d harmless chats (%d requests)", len(pairs),
              len(chats), len(rows))
     return pairs, len(chats)
+
+
+def unwrapped_pairs(successes: list[dict[str, Any]], refusal: str) -> list[dict[str, Any]]:
+    """One pair per broken request: its plain text, the refusal over its first compliance."""
+    first: dict[str, dict[str, Any]] = {}
+    for s in successes:
+        first.setdefault(s["prompt_id"], s)
+    return [{"prompt": [{"role": "user", "content": s["request"]}],
+             "chosen": [{"role": "assistant", "content": refusal}],
+             "rejected": [{"role": "assistant", "content": s["response"]}],
+             "prompt_id": s["prompt_id"], "request": s["request"], "category": s["category"],
+             "attack": "none", "template": "none", "chosen_by": "unwrapped"}
+            for s in first.values()]

@@ -86,7 +86,8 @@ def write_preferences(cfg: RedteamConfig, successes: Path, out: Path,
         }) + "\n")
     lines += [json.dumps({**c, "constitution": constitution.name}) + "\n"
               for c in contrast or []]
-    counts["contrast"] = len(contrast or [])
+    counts["unwrapped"] = sum(c["chosen_by"] == "unwrapped" for c in contrast or [])
+    counts["contrast"] = len(contrast or []) - counts["unwrapped"]
     counts["rows"] = len(lines)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(lines))

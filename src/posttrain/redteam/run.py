@@ -154,11 +154,13 @@ def _contrast(cfg: RedteamConfig) -> list[dict[str, Any]]:
     if not cfg.contrast:
         return []
     from posttrain.cai import load_constitution
-    from posttrain.redteam.contrast import contrast_pairs
+    from posttrain.redteam.contrast import contrast_pairs, unwrapped_pairs
     from posttrain.redteam.preferences import fixed_refusal
 
-    pairs, _ = contrast_pairs(cfg, fixed_refusal(cfg, load_constitution(cfg.constitution)))
-    return pairs
+    refusal = fixed_refusal(cfg, load_constitution(cfg.constitution))
+    successes = [json.loads(line) for line in cfg.path.read_text().splitlines() if line]
+    pairs, _ = contrast_pairs(cfg, refusal)
+    return unwrapped_pairs(successes, refusal) + pairs
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
