@@ -20,6 +20,18 @@ def nano_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("nano"), size="nano", seed=0)
 
 
+@pytest.fixture(scope="session")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved reward model (untrained, but its score head is in the checkpoint)."""
+    from posttrain.models.reward import load_reward_model
+    from posttrain.models.tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("rm") / "final"
+    load_reward_model("tiny:nano", seed=1).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

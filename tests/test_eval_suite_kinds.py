@@ -386,18 +386,6 @@ def other_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("other"), size="nano", seed=1)
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved reward model (untrained, but its score head is in the checkpoint)."""
-    from posttrain.models.reward import load_reward_model
-    from posttrain.models.tiny import build_tokenizer
-
-    path = tmp_path_factory.mktemp("rm") / "final"
-    load_reward_model("tiny:nano", seed=1).save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    return path
-
-
 def _cli(tmp_path: Path, model: Path, suite: Path, out: str = "out") -> dict[str, Any]:
     from posttrain.cli import main
 

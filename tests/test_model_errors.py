@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -19,15 +18,6 @@ from posttrain.models.io import load_model, load_tokenizer
 from posttrain.models.reward import load_reward_model
 from posttrain.models.tiny import build_tokenizer
 from posttrain.models.value import load_value_model
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved reward model (untrained, but its score head is in the checkpoint)."""
-    path = tmp_path_factory.mktemp("rm") / "final"
-    load_reward_model("tiny:nano", seed=1).save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture()
