@@ -46,7 +46,8 @@ from posttrain.train import distributed as ddp
 from posttrain.train import fsdp
 from posttrain.train.config import TrainConfig
 from posttrain.train.loop import total_steps, train_offline
-from posttrain.train.run import load_policy, prepare_run
+from posttrain.train.policy import load_policy
+from posttrain.train.run import prepare_run
 
 log = logging.getLogger("posttrain")
 

@@ -21,7 +21,8 @@ from posttrain.models.forward import target_logits
 from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
 from posttrain.train.loop import train_offline
-from posttrain.train.run import load_policy, prepare_run
+from posttrain.train.policy import load_policy
+from posttrain.train.run import prepare_run
 
 SFT_FORMATS = ("messages", "prompt_completion", "text")
 

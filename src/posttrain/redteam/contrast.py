@@ -27,9 +27,7 @@ log = logging.getLogger("posttrain")
 
 def harmless_rows(cfg: RedteamConfig) -> list[dict[str, Any]]:
     from posttrain.data.prompts import load_prompt_rows
-    from posttrain.redteam.run import data_spec
-
-    rows = load_prompt_rows(data_spec(cfg), cfg.split)
+    rows = load_prompt_rows(cfg.data_spec(), cfg.split)
     return [r for r in rows if r.get("harmful", True) is False][: cfg.limit]
 
 

@@ -24,7 +24,6 @@ __all__ = ["RedteamConfig", "run_redteam"]
 
 log = logging.getLogger("posttrain")
 
-SHIPPED_DATA = "safety"  # data=safety: the harmful side of the shipped safety prompts
 UNCATEGORIZED = "uncategorized"
 
 
@@ -74,7 +73,7 @@ def load_requests(cfg: RedteamConfig) -> list[dict[str, Any]]:
     line), each with a ``category`` (``uncategorized`` when it has none)."""
     from posttrain.data.prompts import load_prompt_rows
 
-    rows = load_prompt_rows(data_spec(cfg), cfg.split)
+    rows = load_prompt_rows(cfg.data_spec(), cfg.split)
     harmful = [r for r in rows if r.get("harmful", True) is not False]
     if len(harmful) < len(rows):
         log.info("redteam: %s: %d rows with harmful=false left out", cfg.data,
@@ -89,14 +88,6 @@ def load_requests(cfg: RedteamConfig) -> list[dict[str, Any]]:
                             f"got {category!r}")
         out.append({**r, "category": category})
     return out
-
-
-def data_spec(cfg: RedteamConfig) -> str:
-    """``data`` as a loadable spec (``safety``: the shipped safety prompts)."""
-    spec = str(cfg.data)
-    if spec == SHIPPED_DATA and not Path(spec).exists():
-        spec = str(Path(__file__).parents[1] / "evals" / "files" / "safety_prompts.jsonl")
-    return spec
 
 
 def _constitution(cfg: RedteamConfig) -> Any:

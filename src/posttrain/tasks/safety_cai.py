@@ -27,7 +27,7 @@ import random
 from typing import Any
 
 from posttrain.tasks.builtin import assistant_answer
-from posttrain.tasks.safety import (
+from posttrain.tasks.safety_world import (
     INFO,
     REFUSAL,
     assistant,

@@ -417,7 +417,7 @@ class Engine:
     def _replica(self, state: dict[str, Tensor]) -> nn.Module:
         """An unsharded CPU copy of the policy holding ``state`` (merging LoRA adapters needs
         whole modules): built from the run's starting model, then loaded."""
-        from posttrain.train.run import load_policy  # run.py builds on the engine
+        from posttrain.train.policy import load_policy
 
         replica, _ = load_policy(self.cfg, None)
         missing, unexpected = replica.load_state_dict(state, strict=False)

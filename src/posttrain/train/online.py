@@ -34,7 +34,8 @@ from posttrain.train import distributed as ddp
 from posttrain.train.config import TrainConfig
 from posttrain.train.engine import Engine
 from posttrain.train.loop import total_steps
-from posttrain.train.run import StopOnSignal, load_policy, prepare_run
+from posttrain.train.policy import load_policy
+from posttrain.train.run import StopOnSignal, prepare_run
 
 log = logging.getLogger("posttrain")
 
