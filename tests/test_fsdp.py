@@ -375,3 +375,22 @@ def test_ranks_on_one_node_share_one_sandbox_pool(monkeypatch):
     alone = pool.default_workers()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert alone == 32 and pool.default_workers() * 8 == alone
+
+
+@pytest.mark.slow
+def test_export_gathers_a_sharded_checkpoint_into_one_hf_directory(tmp_path, chat_jsonl):
+    """posttrain export: the shards of step 2 == the HF copy the run wrote beside them."""
+    run_dir = tmp_path / "run"
+    ok(1, ["sft", *COMMON, f"data={chat_jsonl}", f"output_dir={run_dir}", "max_steps=4",
+           "save_steps=2", "batch_size=2", "strategy=fsdp2", "hf_checkpoints=true"])
+    step = run_dir / "checkpoints" / "step-2"
+    out = run(1, ["export", str(step), str(tmp_path / "exported")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = load_file(tmp_path / "exported" / "model.safetensors")
+    b = load_file(step / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    again = run(1, ["export", str(run_dir), str(tmp_path / "exported")])  # not empty
+    assert again.returncode == 2 and "not empty" in again.stderr
+    none = run(1, ["export", str(tmp_path), str(tmp_path / "x")])
+    assert none.returncode == 2 and "no checkpoint to export" in none.stderr

@@ -28,6 +28,7 @@ OTHER_COMMANDS = {
     "pipeline": "multi-stage pipelines from one YAML file: pipeline run|check FILE.yaml",
     "gate": "release gate: check an eval.json against thresholds (exit 1 on a failure)",
     "serve": "serve a model over an OpenAI-compatible HTTP API (batched, streaming)",
+    "export": "write a checkpoint (a sharded fsdp2 one too) as one HF model directory",
 }
 
 
@@ -167,6 +168,12 @@ def _cmd_gate(argv: list[str]) -> int:
     return gate_main(argv)
 
 
+def _cmd_export(argv: list[str]) -> int:
+    from posttrain.train.export import export_main
+
+    return export_main(argv)
+
+
 def _cmd_serve(argv: list[str]) -> int:
     from posttrain.serve.cli import serve_main
 
@@ -176,7 +183,7 @@ def _cmd_serve(argv: list[str]) -> int:
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "demo": _cmd_demo, "init-tiny": _cmd_init_tiny, "chat": _cmd_chat, "tasks": _cmd_tasks,
     "sandbox": _cmd_sandbox, "eval-code": _cmd_eval_code, "report": _cmd_report,
-    "pipeline": _cmd_pipeline, "gate": _cmd_gate, "serve": _cmd_serve,
+    "pipeline": _cmd_pipeline, "gate": _cmd_gate, "serve": _cmd_serve, "export": _cmd_export,
 }
 
 

@@ -180,7 +180,7 @@ def tied_aliases(model: nn.Module) -> list[str]:
     return aliases
 
 
-def _options(model: nn.Module) -> StateDictOptions:
+def model_state_options(model: nn.Module) -> StateDictOptions:
     # Under LoRA the frozen base is the starting model, reloaded on resume: save the adapter
     # (loading then leaves the base as it is; set_state_dict checks the adapter keys).
     lora = has_lora(model)
@@ -192,7 +192,7 @@ def save_sharded(path: Path, parts: dict[str, tuple[nn.Module, torch.optim.Optim
     writes its shards; every rank must call it)."""
     state: dict[str, Any] = {}
     for name, (model, optimizer) in parts.items():
-        msd, osd = get_state_dict(model, optimizer, options=_options(model))
+        msd, osd = get_state_dict(model, optimizer, options=model_state_options(model))
         state[name] = {"model": msd, "optim": osd}
     dcp.save(state, checkpoint_id=str(path), process_group=_group())
 
@@ -202,12 +202,13 @@ def load_sharded(path: Path, parts: dict[str, tuple[nn.Module, torch.optim.Optim
     unsharded models)."""
     state: dict[str, Any] = {}
     for name, (model, optimizer) in parts.items():
-        msd, osd = get_state_dict(model, optimizer, options=_options(model))
+        msd, osd = get_state_dict(model, optimizer, options=model_state_options(model))
         state[name] = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path), process_group=_group())
     for name, (model, optimizer) in parts.items():
         keys = set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
-                              optim_state_dict=state[name]["optim"], options=_options(model))
+                              optim_state_dict=state[name]["optim"],
+                              options=model_state_options(model))
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         if trained & set(keys.missing_keys):
             raise TrainingError(f"{path}: no saved weights for the trained parameters "
