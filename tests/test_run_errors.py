@@ -118,7 +118,7 @@ def test_training_into_a_file_fails_before_loading_the_model(tmp_path, chat_json
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("posttrain.train.run.load_model", no_model)
+    monkeypatch.setattr("posttrain.train.policy.load_model", no_model)
     assert _sft(f, chat_jsonl, "max_steps=1") == 2
     err = capsys.readouterr().err
     assert f"error: output_dir '{f}' is a file, not a directory" in err
