@@ -41,9 +41,9 @@ class ReviseConfig(RowsConfig):
 
     model: str = field(default="tiny", metadata={"help": "the model that answers, critiques "
                                                          "and revises"})
-    data: str | None = field(default=None, metadata={
-        "help": "prompts: task:NAME, rg:NAME or a file of prompt rows (a 'category' column "
-                "picks principles)"})
+    data: str | list | None = field(default=None, metadata={
+        "help": "prompts: task:NAME, rg:NAME, a file of prompt rows, or a list of them (a "
+                "'category' column picks principles)"})
     output_dir: str = field(default="runs/revise", metadata={
         "help": f"rows go to OUTPUT_DIR/{ROWS_FILE} unless output is set"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})

@@ -170,6 +170,11 @@ def _to_union(value: Any, tp: Any, key: str) -> Any:
         return None
     if len(arms) == 1:  # let the arm's own, more specific error through
         return _coerce(value, arms[0], key)
+    lists = [arm for arm in arms if arm is list or get_origin(arm) is list]
+    if lists and isinstance(value, _CliStr) and value.lstrip().startswith("["):
+        # `data=[a.jsonl, b.jsonl]` is a YAML list wherever the option takes one, though the
+        # text would pass as a string too; a YAML mistake in it is reported as such.
+        return _coerce(value, lists[0], key)
     for arm in arms:
         try:
             return _coerce(value, arm, key)

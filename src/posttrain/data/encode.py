@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.chat import Encoded, encode_row
+from posttrain.data.mixture import DataSpec
 from posttrain.data.sources import load_rows
 from posttrain.errors import DataError
 
@@ -27,11 +28,13 @@ class EncodedSet:
 
 
 def encode_dataset(
-    spec: str, tokenizer: Any, *, formats: tuple[str, ...], max_length: int, on_bad_row: str,
-    split: str = "train",
+    spec: DataSpec, tokenizer: Any, *, formats: tuple[str, ...], max_length: int,
+    on_bad_row: str, split: str = "train",
 ) -> EncodedSet:
-    """Load, validate and tokenize a dataset; rows left with no target token are dropped."""
+    """Load, validate and tokenize a dataset (or mixture); rows left with no target token are
+    dropped."""
     rows = load_rows(spec, split=split, formats=formats, on_bad_row=on_bad_row)
+    name = rows.source
     examples, truncated, empty = [], 0, 0
     for row in rows.rows:
         enc = encode_row(tokenizer, row, rows.format, max_length=max_length)
@@ -42,10 +45,10 @@ def encode_dataset(
         examples.append(enc)
     if truncated:
         log.warning("%s: %d of %d rows truncated to max_length=%d",
-                    spec, truncated, len(rows.rows), max_length)
+                    name, truncated, len(rows.rows), max_length)
     if not examples:
-        raise DataError(f"{spec}: no row has a token to train on (loss mask empty everywhere; "
+        raise DataError(f"{name}: no row has a token to train on (loss mask empty everywhere; "
                         f"is max_length={max_length} shorter than the prompts?)")
     if empty:
-        log.warning("%s: %d rows have no target token after truncation; dropped", spec, empty)
-    return EncodedSet(examples, spec, truncated, rows.skipped, empty)
+        log.warning("%s: %d rows have no target token after truncation; dropped", name, empty)
+    return EncodedSet(examples, name, truncated, rows.skipped, empty)

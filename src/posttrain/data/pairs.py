@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.chat import Encoded, encode_preference, encode_prompt_completion
-from posttrain.data.sources import load_rows
+from posttrain.data.mixture import DataSpec, describe, log_counts
+from posttrain.data.sources import load_rows, load_sources
 from posttrain.errors import DataError
 
 log = logging.getLogger("posttrain")
@@ -71,7 +72,7 @@ def _finish(spec: str, examples: list[Pair], rows: int, skipped: int, truncated:
     return PairSet(examples, rows, skipped, truncated, dropped, paired)
 
 
-def encode_pairs(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
+def encode_pairs(spec: DataSpec, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
                  split: str = "train") -> PairSet:
     """Validated preference rows -> (chosen, rejected) pairs. Bad rows (missing field, empty
     response, chosen == rejected) raise DataError, or are counted when ``on_bad_row=skip``."""
@@ -84,24 +85,30 @@ def encode_pairs(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str 
             dropped += 1
             continue
         out.append(Pair(c, r, len(out), margin=float(row.get("margin") or 0.0)))
-    return _finish(spec, out, len(rows.rows), rows.skipped, truncated, dropped, max_length,
-                   paired=True)
+    return _finish(rows.source, out, len(rows.rows), rows.skipped, truncated, dropped,
+                   max_length, paired=True)
 
 
-def unpaired_rows(spec: str, *, split: str, on_bad_row: str) -> tuple[list[tuple], int]:
+def unpaired_rows(spec: DataSpec, *, split: str, on_bad_row: str) -> tuple[list[tuple], int]:
     """(prompt, completion, desirable) triples; preference rows are split into two (the
-    chosen desirable, the rejected not), as KTO's paper does for paired data."""
-    rows = load_rows(spec, split=split, formats=("unpaired", "preference"), on_bad_row=on_bad_row)
-    if rows.format == "unpaired":
-        return [(r["prompt"], r["completion"], bool(r["label"])) for r in rows.rows], rows.skipped
+    chosen desirable, the rejected not), as KTO's paper does for paired data. Each source of
+    a mixture is converted on its own, so unpaired and preference sources mix."""
+    loaded = load_sources(spec, split=split, formats=("unpaired", "preference"),
+                          on_bad_row=on_bad_row)
+    if not isinstance(spec, str):
+        log_counts([(part, len(rows)) for part, rows in loaded], split)
     items = []
-    for r in rows.rows:
-        items += [(r["prompt"], r["chosen"], True), (r["prompt"], r["rejected"], False)]
-    return items, rows.skipped
+    for _, rows in loaded:
+        if rows.format == "unpaired":
+            items += [(r["prompt"], r["completion"], bool(r["label"])) for r in rows.rows]
+            continue
+        for r in rows.rows:
+            items += [(r["prompt"], r["chosen"], True), (r["prompt"], r["rejected"], False)]
+    return items, sum(rows.skipped for _, rows in loaded)
 
 
-def encode_unpaired(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: str = "error",
-                    split: str = "train") -> PairSet:
+def encode_unpaired(spec: DataSpec, tokenizer: Any, *, max_length: int,
+                    on_bad_row: str = "error", split: str = "train") -> PairSet:
     """KTO examples: each completion with a *mismatched* one (another row's completion after
     this row's prompt), whose log-ratio estimates KL(pi || pi_ref) (KTO paper, §4.1)."""
     items, skipped = unpaired_rows(spec, split=split, on_bad_row=on_bad_row)
@@ -117,4 +124,5 @@ def encode_unpaired(spec: str, tokenizer: Any, *, max_length: int, on_bad_row: s
             dropped += 1
             continue
         out.append(Pair(y, kl, len(out), label=label))
-    return _finish(spec, out, n, skipped, truncated, dropped, max_length, paired=False)
+    return _finish(describe(spec), out, n, skipped, truncated, dropped, max_length,
+                   paired=False)

@@ -12,6 +12,7 @@ from typing import Any
 
 from posttrain.data.batching import BatchStream
 from posttrain.data.chat import render_prompt
+from posttrain.data.mixture import DataSpec, describe, log_counts, parse_mixture, weighted
 from posttrain.data.sources import load_rows, parse_task_spec
 from posttrain.errors import DataError
 
@@ -20,8 +21,22 @@ log = logging.getLogger("posttrain")
 Row = dict[str, Any]
 
 
-def load_prompt_rows(spec: str, split: str = "train", on_bad_row: str = "error") -> list[Row]:
-    """Prompt-only rows (+ truth columns): a file, ``task:NAME[:k=v]``, or ``rg:NAME[:k=v]``."""
+def load_prompt_rows(spec: DataSpec, split: str = "train", on_bad_row: str = "error") -> list[Row]:
+    """Prompt-only rows (+ truth columns): a file, ``task:NAME[:k=v]``, ``rg:NAME[:k=v]``, or
+    a mixture of these (``data/mixture.py``)."""
+    if isinstance(spec, str):
+        return _source_prompt_rows(spec, split, on_bad_row)
+    loaded = [(part, weighted(_source_prompt_rows(part.source, split, on_bad_row), part))
+              for part in parse_mixture(spec)]
+    log_counts([(part, len(rows)) for part, rows in loaded], split)
+    rows = [row for _, rows in loaded for row in rows]
+    # A column only some sources have is None in the other rows (as concatenated datasets
+    # do), so every batch passes rewards every column, None where it does not apply.
+    blank = dict.fromkeys(k for row in rows for k in row)
+    return [{**blank, **row} for row in rows]
+
+
+def _source_prompt_rows(spec: str, split: str, on_bad_row: str) -> list[Row]:
     if spec.startswith("rg:"):
         from posttrain.tasks.rl import rg_rows
 
@@ -31,15 +46,17 @@ def load_prompt_rows(spec: str, split: str = "train", on_bad_row: str = "error")
                      on_bad_row=on_bad_row).rows  # type: ignore[arg-type]
 
 
-def encode_prompts(rows: list[Row], tokenizer: Any, max_prompt: int, spec: str) -> list[Row]:
+def encode_prompts(rows: list[Row], tokenizer: Any, max_prompt: int,
+                   spec: DataSpec) -> list[Row]:
     """Attach token ids (``_ids``); rows whose prompt leaves no room to generate are dropped."""
     out = [{**r, "_ids": render_prompt(tokenizer, r["prompt"])} for r in rows]
     kept = [r for r in out if len(r["_ids"]) <= max_prompt]
     if len(kept) < len(out):
         log.warning("%s: %d prompts longer than max_length - max_new_tokens = %d tokens; dropped",
-                    spec, len(out) - len(kept), max_prompt)
+                    describe(spec), len(out) - len(kept), max_prompt)
     if not kept:
-        raise DataError(f"{spec}: no prompt fits in max_length - max_new_tokens = {max_prompt}")
+        raise DataError(f"{describe(spec)}: no prompt fits in max_length - max_new_tokens = "
+                        f"{max_prompt}")
     return kept
 
 

@@ -7,7 +7,8 @@
 - ``file.csv`` (cells are strings; ``label`` and ``margin`` are read as bool/number),
 - a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
 - ``task:NAME`` or ``task:NAME:key=value,key=value`` (a built-in generated task),
-- anything else is tried as a hub dataset name (``datasets.load_dataset(name, split=split)``).
+- anything else is tried as a hub dataset name (``datasets.load_dataset(name, split=split)``),
+- a list of these (a mixture, ``data/mixture.py``): their rows, in one format, concatenated.
 
 Every row is validated; a bad row raises a DataError naming where it is and which field is
 wrong, or, with ``on_bad_row="skip"``, is dropped and counted in ``Rows.skipped``. Text that
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain.data.formats import FORMATS, REQUIRED_KEYS, detect_format, matches, validate_row
+from posttrain.data.mixture import DataSpec, Part, describe, log_counts, parse_mixture, weighted
 from posttrain.errors import DataError
 
 logger = logging.getLogger("posttrain")
@@ -51,7 +54,7 @@ class Rows:
 
 
 def load_rows(
-    spec: str,
+    spec: DataSpec,
     *,
     split: str = "train",
     formats: Collection[str] | None = None,
@@ -61,7 +64,8 @@ def load_rows(
 
     ``formats`` lists the formats the caller accepts, in order of preference; a row that
     carries the keys of several (a preference row also has a prompt) takes the first.
-    ``on_bad_row="skip"`` drops bad rows, counts them and logs one warning.
+    ``on_bad_row="skip"`` drops bad rows, counts them and logs one warning. A mixture's
+    sources must all end up in the same format.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -69,7 +73,43 @@ def load_rows(
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"unknown formats {unknown}; choose from {FORMATS}")
+    if not isinstance(spec, str):
+        loaded = load_sources(spec, split=split, formats=formats, on_bad_row=on_bad_row)
+        return _concatenated(spec, loaded, split)
     return _validate_all(spec, _locate(spec, split), formats, on_bad_row)
+
+
+def load_sources(
+    spec: DataSpec,
+    *,
+    split: str = "train",
+    formats: Collection[str] | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> list[tuple[Part, Rows]]:
+    """Each source of ``spec`` loaded on its own, its rows weighted by its ``times``."""
+    loaded = []
+    for part in parse_mixture(spec):
+        rows = load_rows(part.source, split=split, formats=formats, on_bad_row=on_bad_row)
+        loaded.append((part, dataclasses.replace(rows, rows=weighted(rows.rows, part))))
+    return loaded
+
+
+def _concatenated(spec: DataSpec, loaded: list[tuple[Part, Rows]], split: str) -> Rows:
+    first_part, first = loaded[0]
+    for part, rows in loaded[1:]:
+        if rows.format != first.format:
+            raise DataError(
+                f"{part.source}: rows in format '{rows.format}', but the mixture's first "
+                f"source {first_part.source} has rows in format '{first.format}'; all sources "
+                "of a mixture must be in one format"
+            )
+    log_counts([(part, len(rows)) for part, rows in loaded], split)
+    return Rows(
+        rows=[row for _, rows in loaded for row in rows.rows],
+        format=first.format,
+        source=describe(spec),
+        skipped=sum(rows.skipped for _, rows in loaded),
+    )
 
 
 # --- validation -------------------------------------------------------------------------
@@ -181,6 +221,9 @@ def _locate(spec: str, split: str) -> Located:
     if spec.startswith("task:"):
         return _task_rows(spec, split)
     path = Path(spec).expanduser()
+    if spec.startswith("[") and spec.endswith("]") and not path.exists():
+        # A mixture typed for an option that takes one source (redteam, eval).
+        raise DataError(f"{spec}: a list of sources, where this option takes one source")
     if path.is_dir():
         return _disk_rows(path, split)
     if path.is_file():

@@ -179,6 +179,9 @@ def _load_items(path: Path, task: Task, limit: int | None) -> None:
 
 def data_spec(path: Path, where: str, value: Any) -> str:
     """``data`` as given: task:/rg: specs pass; a file is found beside the suite first."""
+    if isinstance(value, list):
+        raise SuiteError(f"{where}: data: takes one dataset, not a list (a mixture); give each "
+                         "dataset a task of its own")
     if not isinstance(value, str) or not value:
         raise SuiteError(f"{where}: data: needs a dataset (task:NAME, rg:NAME or a file)")
     if value.startswith(("task:", "rg:")):

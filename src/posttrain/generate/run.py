@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from posttrain.config.checks import Needs
+from posttrain.data.mixture import describe
 from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger("posttrain")
@@ -63,8 +64,9 @@ class RowsConfig:
         "batch_size": ">= 1", "limit": ">= 1"}
 
     model: str = field(default="tiny", metadata={"help": "the model that writes the answers"})
-    data: str | None = field(default=None, metadata={
-        "help": "prompts: task:NAME, rg:NAME or a file of prompt rows"})
+    data: str | list | None = field(default=None, metadata={
+        "help": "prompts: task:NAME, rg:NAME, a file of prompt rows, or a list of them (a "
+                "mixture, docs/data.md)"})
     output_dir: str = field(default="runs/generate", metadata={
         "help": f"the rows go to OUTPUT_DIR/{ROWS_FILE} unless output is set"})
     output: str | None = field(default=None, metadata={"help": "the rows file (.jsonl)"})
@@ -214,9 +216,10 @@ def write_rows(cfg: RowsConfig, rows: list[Row], what: str,
 def load_prompts(cfg: RowsConfig) -> list[Row]:
     from posttrain.data.prompts import load_prompt_rows
 
-    rows = load_prompt_rows(str(cfg.data), cfg.split)[: cfg.limit]
+    assert cfg.data is not None  # validate() requires it
+    rows = load_prompt_rows(cfg.data, cfg.split)[: cfg.limit]
     if not rows:
-        raise DataError(f"{cfg.data}: no prompt rows in split {cfg.split!r}")
+        raise DataError(f"{describe(cfg.data)}: no prompt rows in split {cfg.split!r}")
     return rows
 
 
@@ -227,9 +230,10 @@ def _rewards(cfg: GenerateConfig, rows: list[Row]) -> Any:
     from posttrain.rewards.registry import build_reward_set, check_reward_columns
 
     rc = RewardConfig(model=cfg.reward_model, functions=list(cfg.rewards))
-    rewards = build_reward_set(rc, str(cfg.data), rows, max_length=cfg.max_length,
+    assert cfg.data is not None  # validate() requires it
+    rewards = build_reward_set(rc, cfg.data, rows, max_length=cfg.max_length,
                                precision=cfg.precision)
-    check_reward_columns(rewards, rows, str(cfg.data))
+    check_reward_columns(rewards, rows, cfg.data)
     return rewards
 
 
@@ -249,9 +253,9 @@ def encode_prompts(cfg: RowsConfig, rows: list[Row], tok: Any) -> list[tuple[str
     kept = [x for x in out if len(x[1]["_ids"]) <= max_prompt]
     if len(kept) < len(out):
         log.warning("%s: %d prompts longer than max_length - max_new_tokens = %d tokens; "
-                    "skipped", cfg.data, len(out) - len(kept), max_prompt)
+                    "skipped", describe(cfg.data), len(out) - len(kept), max_prompt)
     if not kept:
-        raise DataError(f"{cfg.data}: no prompt fits in max_length - max_new_tokens = "
+        raise DataError(f"{describe(cfg.data)}: no prompt fits in max_length - max_new_tokens = "
                         f"{max_prompt} tokens")
     return kept
 

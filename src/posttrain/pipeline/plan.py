@@ -22,6 +22,7 @@ from posttrain.config.checks import UnusedOptionError
 from posttrain.config.loader import config_from_dict
 from posttrain.config.schema import aliases, config_fields
 from posttrain.config.serialize import config_to_dict
+from posttrain.data.mixture import MIXTURE_KEYS, parse_mixture
 from posttrain.errors import ConfigError
 from posttrain.pipeline.kinds import get_kind
 from posttrain.pipeline.refs import ATTRS, Ref, find_refs, substitute
@@ -210,7 +211,25 @@ def _built(spec: PipelineSpec, s: StageSpec, run_dir: Path, paths_of: dict[str, 
             problems.add(spec.source.where(s.path), f"config key {key!r} is required",
                          stage=s.base, key=key)
             return None
+    bad = _bad_mixture(cfg)
+    if bad is not None:
+        key, text = bad
+        problems.add(spec.source.where(paths.get(key, s.path)), text, stage=s.base, key=key)
+        return None
     return cfg
+
+
+def _bad_mixture(cfg: Any) -> tuple[str, str] | None:
+    """(key, error) for a data mixture with a bad entry: found now, not when the stage's
+    data is loaded, after the stages before it have run."""
+    for key in MIXTURE_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, list):
+            try:
+                parse_mixture(value)
+            except ConfigError as err:
+                return key, str(err)
+    return None
 
 
 def _from_values(cls: type, values: dict[str, Any], paths: dict[str, str],

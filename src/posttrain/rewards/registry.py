@@ -17,7 +17,8 @@
 
 ``auto`` picks from the data: ``task:countdown`` -> countdown, ``rg:`` -> rg, rows with
 ``tests`` -> code, with ``rg_entry`` -> rg, with ``answer`` -> numeric for ``task:arithmetic``
-and math otherwise.
+and math otherwise. For a mixture, every verifier that some kind of row (by the truth columns
+it fills) calls for; each scores the rows it applies to, and is None on the others.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from posttrain.data.mixture import DataSpec, describe, sources
 from posttrain.errors import ConfigError, DataError
 from posttrain.rewards.base import RewardSet
 from posttrain.rewards.config import RewardConfig
@@ -76,27 +78,54 @@ def build_reward(name: str) -> Any:
                       f"'package.module:function'")
 
 
-def auto_reward_names(data_spec: str, rows: Sequence[Mapping[str, Any]],
+def auto_reward_names(data_spec: DataSpec, rows: Sequence[Mapping[str, Any]],
                       required: bool = True) -> list[str]:
-    """The verifier that fits a dataset (see the module docstring); when none fits, an error,
-    or ``[]`` when not ``required`` (a reward model scores the rollouts anyway)."""
+    """The verifier that fits a dataset (see the module docstring), or the verifiers of a
+    mixture's rows; when none fits, an error, or ``[]`` when not ``required`` (a reward model
+    scores the rollouts anyway)."""
     cols = set(rows[0]) if rows else set()
-    if data_spec.startswith("task:countdown") or {"numbers", "target"} <= cols:
+    if isinstance(data_spec, str):
+        names = _fit(data_spec, cols)
+    else:
+        names = _mixture_fit(sources(data_spec), rows)
+    if names or not required:
+        return names
+    raise ConfigError(f"rewards=auto: cannot tell which verifier fits {describe(data_spec)} "
+                      f"(its rows have columns {sorted(cols)}); set rewards explicitly")
+
+
+_TRUTH_COLUMNS = frozenset({"numbers", "target", "rg_entry", "tests", "answer"})
+
+
+def _fit(spec: str, cols: set[str]) -> list[str]:
+    if spec.startswith("task:countdown") or {"numbers", "target"} <= cols:
         return ["countdown"]
-    if data_spec.startswith("rg:") or "rg_entry" in cols:
+    if spec.startswith("rg:") or "rg_entry" in cols:
         return ["rg"]
     if "tests" in cols:
         return ["code"]
     if "answer" in cols:
-        return ["numeric"] if data_spec.startswith("task:arithmetic") else ["math"]
-    if not required:
-        return []
-    raise ConfigError(f"rewards=auto: cannot tell which verifier fits {data_spec} (its rows have "
-                      f"columns {sorted(cols)}); set rewards explicitly")
+        return ["numeric"] if spec.startswith("task:arithmetic") else ["math"]
+    return []
 
 
-def build_reward_set(cfg: RewardConfig, data_spec: str, rows: Sequence[Mapping[str, Any]], *,
-                     max_length: int, precision: str) -> RewardSet:
+def _mixture_fit(specs: list[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every verifier some rows of a mixture need. Rows do not say which source they came
+    from (and hold the other sources' columns as None), so each kind of row, by the truth
+    columns it fills, picks its own; ``answer`` rows are numeric when every source that could
+    hold them is task:arithmetic (countdown and reasoning-gym rows have columns of their own).
+    """
+    plain = [s for s in specs if not s.startswith(("task:countdown", "rg:"))]
+    arithmetic = bool(plain) and all(s.startswith("task:arithmetic") for s in plain)
+    kinds = dict.fromkeys(frozenset(k for k, v in r.items() if v is not None) & _TRUTH_COLUMNS
+                          for r in rows)
+    spec = "task:arithmetic" if arithmetic else ""
+    return list(dict.fromkeys(name for kind in kinds for name in _fit(spec, set(kind))))
+
+
+def build_reward_set(cfg: RewardConfig, data_spec: DataSpec,
+                     rows: Sequence[Mapping[str, Any]], *, max_length: int,
+                     precision: str) -> RewardSet:
     """The configured reward: the reward model first (named ``rm``), then the functions
     (``[auto]`` resolved against the training data), each call guarded (``RewardSet``)."""
     fns: list[Any] = []
@@ -137,7 +166,7 @@ def required_columns(fn: Any) -> tuple[str, ...]:
 
 
 def check_reward_columns(rewards: RewardSet, rows: Sequence[Mapping[str, Any]],
-                         data_spec: str) -> None:
+                         data_spec: DataSpec) -> None:
     """Refuse, before any rollout, data that lacks a column a reward needs: every call would
     raise, be scored ``on_error``, and the run would learn nothing while exiting 0."""
     columns = sorted({k for r in rows for k in r if k not in ("prompt", "_ids")})
@@ -147,5 +176,6 @@ def check_reward_columns(rewards: RewardSet, rows: Sequence[Mapping[str, Any]],
             if col in filled:
                 continue
             what = ("is empty in every row of" if col in columns else "is not a column of")
-            raise DataError(f"reward '{name}' needs column '{col}', which {what} {data_spec} "
-                            f"(its columns: {columns or 'none besides prompt'})")
+            raise DataError(f"reward '{name}' needs column '{col}', which {what} "
+                            f"{describe(data_spec)} (its columns: "
+                            f"{columns or 'none besides prompt'})")

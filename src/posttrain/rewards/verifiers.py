@@ -209,7 +209,8 @@ class VerifierReward:
         return out
 
     def _truths(self, n: int, columns: dict[str, Any]) -> Sequence[Any]:
-        """Row i's truth: one column's value, or a dict of several columns' values."""
+        """Row i's truth: one column's value, or a dict of several columns' values (None when
+        all of them are: a row of a mixture's other task)."""
         if self.column is None:
             return [None] * n
         names = (self.column,) if isinstance(self.column, str) else self.column
@@ -219,7 +220,7 @@ class VerifierReward:
                            f"{sorted(columns)}")
         if isinstance(self.column, str):
             return columns[self.column]
-        return [dict(zip(names, vals, strict=True))
+        return [None if all(v is None for v in vals) else dict(zip(names, vals, strict=True))
                 for vals in zip(*(columns[c] for c in names), strict=True)]
 
 

@@ -35,8 +35,8 @@ class TrainConfig:
         default="tiny",
         metadata={"help": "HF dir, hub id, .gguf file, or 'tiny' for the built-in tiny model"},
     )
-    data: str | None = field(default=None, metadata={"help": "training data: file, dir or hub id"})
-    eval_data: str | None = field(default=None, metadata={"help": "held-out data for evaluation"})
+    data: str | list | None = field(default=None, metadata={"help": "file, dir, hub id, or a list"})
+    eval_data: str | list | None = field(default=None, metadata={"help": "held-out data or a list"})
     output_dir: str = field(
         default="runs/run", metadata={"help": "run dir: config.yaml, metrics, checkpoints, final/"}
     )
