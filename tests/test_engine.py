@@ -106,3 +106,27 @@ def test_checkpoints_are_pruned_and_temp_dirs_ignored(tmp_path):
     state = ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path))
     assert state["step"] == 3 and "optimizer" in state
     eng.close()
+
+
+def test_each_rank_takes_back_its_own_rng_streams(tmp_path):
+    """A checkpoint holds every rank's RNG state; on resume rank r restores entry r, and a
+    rank beyond the saved world size keeps its own streams."""
+    from posttrain.train.distributed import DistInfo
+
+    tok = build_tokenizer()
+    eng = Engine(_cfg(tmp_path), build_model("nano", seed=0), tok, tmp_path, total_steps=1)
+    saved = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        saved.append(ckpt.rng_state())
+    want = [torch.rand(3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for rank in (0, 1):
+        eng.dist = DistInfo(rank=rank, world_size=2)
+        eng._restore_rng(saved)
+        torch.testing.assert_close(torch.rand(3), want[rank])
+    torch.manual_seed(7)
+    eng.dist = DistInfo(rank=2, world_size=3)
+    eng._restore_rng(saved)
+    fresh = torch.rand(3, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(torch.rand(3), fresh)
+    eng.close()

@@ -255,11 +255,11 @@ def test_two_process_fsdp2_grpo_trains_whole_groups_and_resumes_on_one(tmp_path)
 
 REPLAY = '''
 import sys
-from posttrain.algorithms.grpo import GRPO, GRPOConfig
+from posttrain.algorithms.grpo import GRPOConfig, setup_grpo
+from posttrain.algorithms.ppo import PPOConfig, setup_ppo
 from posttrain.config import load_config
 from posttrain.rollout import Rollouts
 from posttrain.train import online
-from posttrain.train.engine import Engine
 
 
 class Replay:
@@ -275,21 +275,29 @@ class Replay:
                         ["stop"] * len(comps), n)
 
 
-run = online.start_online(load_config(GRPOConfig, None, sys.argv[1:]), across_ranks=True)
-engine = Engine(run.cfg, run.model, run.tokenizer, run.run_dir, run.steps)
-cursor = run.cursor()
-grpo = GRPO(run.cfg, engine, cursor, run.rewards, None)
-grpo.generator = Replay()
-online.run_online(engine, grpo, cursor, None, None)
+kind, args = sys.argv[1], sys.argv[2:]
+config, setup = {"grpo": (GRPOConfig, setup_grpo), "ppo": (PPOConfig, setup_ppo)}[kind]
+run, recipe = setup(load_config(config, None, args))
+recipe.generator = Replay()
+online.run_online(recipe.engine, recipe, recipe.cursor, run.held_out, run.resume_from)
 '''
 
 
-GRPO_REPLAY = ["model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=4",
+GRPO_REPLAY = ["grpo", "model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=4",
                "prompts_per_step=4", "num_generations=4", "max_new_tokens=8", "lr=3e-3",
                "rewards=[tests.test_fsdp:text_length]", "precision=fp32", "batch_size=4"]
 
+# 8 completions a step in 2 minibatches of 4, 2 epochs, at most 2 per forward: a rank holds
+# 0 to 4 of a minibatch's completions, so ranks pad; the KL controller moves beta.
+PPO_REPLAY = ["ppo", "model=tiny:nano", "data=task:arithmetic:size=64", "max_steps=3",
+              "prompts_per_step=4", "num_generations=2", "mini_batch_size=4", "batch_size=2",
+              "ppo_epochs=2", "max_new_tokens=8", "lr=3e-3", "value_lr=3e-3",
+              "value_model=policy", "kl_target=0.01", "kl_horizon=20",
+              "rewards=[tests.test_fsdp:text_length]", "precision=fp32"]
 
-def replay(tmp_path: Path, out: str, nproc: int, *extra: str) -> list[dict]:
+
+def replay(tmp_path: Path, out: str, nproc: int, *extra: str, args: list[str] = GRPO_REPLAY
+           ) -> list[dict]:
     script = tmp_path / "replay.py"
     script.write_text(REPLAY)
     cmd = [sys.executable, str(script)]
@@ -297,7 +305,7 @@ def replay(tmp_path: Path, out: str, nproc: int, *extra: str) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_port()), str(script)]
     env = {**ENV, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([*cmd, *GRPO_REPLAY, *extra, f"output_dir={tmp_path / out}"], env=env,
+    done = subprocess.run([*cmd, *args, *extra, f"output_dir={tmp_path / out}"], env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return read_metrics(tmp_path / out / "metrics.jsonl")
@@ -323,6 +331,39 @@ def test_two_process_grpo_update_equals_one_on_the_same_rollouts(grpo_one, tmp_p
     trained = [r["grpo/groups_trained"] for r in one if "train/loss" in r]
     assert any(0 < t < 4 for t in trained)  # zero-spread groups skipped: a rank pads
     assert_same_weights(root / "one", tmp_path / "two")
+
+
+@pytest.fixture(scope="module")
+def ppo_one(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_ppo")
+    return root, replay(root, "one", 1, args=PPO_REPLAY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_ppo_equals_one_on_the_same_rollouts(ppo_one, tmp_path, strategy):
+    """PPO across ranks (rank shares, scores, values, advantages whitened over the whole step,
+    shared minibatch permutation with padding, the policy and value updates, the KL
+    controller on the step's mean KL) with replayed completions: 2 ranks == 1 process."""
+    root, one = ppo_one
+    two = replay(tmp_path, "two", 2, f"strategy={strategy}", "save_steps=2", args=PPO_REPLAY)
+    for key in ("train/loss", "ppo/value_loss", "objective/kl", "objective/beta",
+                "advantages/mean", "reward/mean"):
+        a = [r[key] for r in one if key in r]
+        assert a and a == pytest.approx([r[key] for r in two if key in r], rel=1e-4, abs=1e-6)
+    betas = [r["objective/beta"] for r in one if "objective/beta" in r]
+    assert len(set(betas)) > 1  # the controller moved: its input is the whole step's KL
+    assert_same_weights(root / "one", tmp_path / "two")
+    assert_same_weights(root / "one", tmp_path / "two", name="value/model.safetensors")
+    # The step-2 checkpoint (both models, optimizers, KL controller, cursor) resumes on one
+    # process to the uninterrupted run's last step.
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    resumed = replay(tmp_path, "resumed", 1, f"strategy={strategy}", "save_steps=2",
+                     "resume=true", args=PPO_REPLAY)
+    assert [r["step"] for r in resumed if "train/loss" in r] == [12]
+    assert_same_weights(root / "one", tmp_path / "resumed")
+    assert_same_weights(root / "one", tmp_path / "resumed", name="value/model.safetensors")
 
 
 def test_each_rank_takes_whole_contiguous_groups():

@@ -174,7 +174,7 @@ class GRPO:
     def step(self) -> dict[str, float]:
         cfg = self.cfg
         batch, stats = self.collect()
-        stats = self.over_ranks(stats)
+        stats = online.mean_over_ranks(stats, self.engine)
         self.warn(stats)
         t0 = time.perf_counter()
         adv = compute_advantages(batch.rewards, cfg.advantage, cfg.scale_rewards)  # (B, G)
@@ -250,16 +250,6 @@ class GRPO:
             batch = _keep_groups([batch], [torch.arange(len(batch.ro.prompt_ids))
                                            < cfg.prompts_per_step])
         return batch, stats
-
-    def over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
-        """Rollout statistics of the whole step: each rank's (equal-sized) share averaged,
-        maxima taken over ranks."""
-        info, dev = self.engine.dist, self.engine.device
-        if not info.enabled:
-            return stats
-        return {k: (ddp.all_reduce_max(v, info, dev) if k.endswith("max_length") else
-                    ddp.all_reduce_sum(v, info, dev) / info.world_size)
-                for k, v in stats.items()}
 
     def generate(self, rows: list[Row], round_: int) -> tuple[StepBatch, dict[str, float]]:
         """Sample, score and shape the groups of this rank's share of ``rows``."""
@@ -397,9 +387,9 @@ def check_across_ranks(cfg: GRPOConfig, info: ddp.DistInfo) -> None:
                           "uses whole-batch reward statistics: run it in one process")
 
 
-def train_grpo(cfg: GRPOConfig) -> Path:
-    """Run GRPO end to end; returns the final HF model directory."""
-    run = online.start_online(cfg, across_ranks=True)
+def setup_grpo(cfg: GRPOConfig) -> tuple[online.OnlineRun, GRPO]:
+    """The run's set-up and its GRPO state (engine, reference model, cursor)."""
+    run = online.start_online(cfg)
     cfg = run.cfg
     check_across_ranks(cfg, ddp.current())
     engine = Engine(cfg, run.model, run.tokenizer, run.run_dir, run.steps * cfg.num_iterations)
@@ -407,6 +397,10 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     if cfg.beta > 0:
         ref = load_reference(run.model, cfg.model, engine.device,
                              trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
-    cursor = run.cursor()
-    grpo = GRPO(cfg, engine, cursor, run.rewards, ref)
-    return online.run_online(engine, grpo, cursor, run.held_out, run.resume_from)
+    return run, GRPO(cfg, engine, run.cursor(), run.rewards, ref)
+
+
+def train_grpo(cfg: GRPOConfig) -> Path:
+    """Run GRPO end to end; returns the final HF model directory."""
+    run, grpo = setup_grpo(cfg)
+    return online.run_online(grpo.engine, grpo, grpo.cursor, run.held_out, run.resume_from)

@@ -19,6 +19,14 @@ functions (frozen), and a value model V_psi (trained, its own optimizer).
 The value model is the engine's second trained model (``Engine.add_model``): checkpoints hold
 it in ``model/value/`` with its optimizer; the KL controller is the recipe's own state. The
 loop, set-up and checkpoints are ``train/online.py``'s.
+
+Under torchrun each rank takes a contiguous share of the step's prompts and samples, scores
+and values their completions itself (its sampling seed includes its rank). What needs the
+whole rollout is reduced over ranks: the advantages are whitened with the whole step's mean
+and variance, the KL controller reads the step's mean KL. Every rank draws the same minibatch
+permutation of the step's completions and trains on the members it holds, padded with
+zero-weight micro-batches to as many as any rank has (FSDP2 runs collectives per forward), so
+N ranks take the same optimizer steps as one process.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -57,7 +66,8 @@ from posttrain.rollout import Rollouts
 from posttrain.rollout.batching import build_batch
 from posttrain.rollout.config import SamplingConfig
 from posttrain.train import checkpoint as ckpt
-from posttrain.train import online
+from posttrain.train import distributed as ddp
+from posttrain.train import fsdp, online
 from posttrain.train.engine import Engine
 
 VALUE = "value"  # the value model's name in the engine, and its folder in model/ and final/
@@ -144,6 +154,34 @@ class PPOConfig(online.OnlineConfig):
                               f"prompts_per_step * num_generations = {self.rollout_size}")
 
 
+def _token_count(mb: dict[str, Any]) -> float:
+    """A micro-batch's share of the token-mean losses' normaliser (padding: none)."""
+    return 0.0 if mb.get("pad") else float(mb["num_completion_tokens"])
+
+
+def _unless_padding(mb: dict[str, Any], loss: Tensor, metrics: dict[str, Tensor]
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """A padding micro-batch (``PPO.minibatch``) runs its graph and adds nothing."""
+    return (loss * 0.0 if mb.get("pad") else loss), metrics
+
+
+def gather_rows(tensors: list[Tensor], info: ddp.DistInfo) -> list[Tensor]:
+    """Every rank's rows of each tensor (S_r, ...) or (S_r, L_r), concatenated in rank order
+    (the order of one process's rollout) and zero-padded to the longest L: the step's
+    statistics are then exactly one process's. The tensors are small (a step's scalars)."""
+    if not info.enabled:
+        return tensors
+    shares = ddp.all_gather_object([t.cpu() for t in tensors], info)
+    out = []
+    for i, t in enumerate(tensors):
+        parts = [share[i] for share in shares]  # type: ignore[index]
+        if t.dim() == 2:
+            width = max(p.shape[1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+        out.append(torch.cat(parts))
+    return out
+
+
 class KLController:
     """beta of EQ 5.3: fixed, or adapted towards ``target`` (Ziegler et al. 2019)."""
 
@@ -202,19 +240,16 @@ class PPO:
                             "without ending its turn; raise max_new_tokens")
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rl_step)
-        count = lambda mb: float(mb["num_completion_tokens"])  # noqa: E731 - token-mean losses
         sums: dict[str, list[float]] = {}
         for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(exp.ro), generator=gen).tolist()
+            perm = torch.randperm(cfg.rollout_size, generator=gen).tolist()  # the whole step's
             for s in range(0, len(perm), cfg.mini_batch_size):
-                chunk = perm[s : s + cfg.mini_batch_size]
-                mbs = [self.train_mb(exp, chunk[i : i + cfg.batch_size], epoch)
-                       for i in range(0, len(chunk), cfg.batch_size)]
-                metrics = {**self.engine.update(mbs, self.policy_loss, count),
-                           **self.engine.update(mbs, self.value_loss, count, model=VALUE)}
+                mbs = self.minibatch(exp, perm[s : s + cfg.mini_batch_size], epoch)
+                metrics = {**self.engine.update(mbs, self.policy_loss, _token_count),
+                           **self.engine.update(mbs, self.value_loss, _token_count, model=VALUE)}
                 for k, v in metrics.items():
                     sums.setdefault(k, []).append(float(v))
-        self.kl_ctl.update(stats["objective/kl"], len(exp.ro))
+        self.kl_ctl.update(stats["objective/kl"], cfg.rollout_size)
         stats["time/train_s"] = time.perf_counter() - t0
         stats.update(online.time_fractions(stats, ("generate", "reward", "logprobs", "train")))
         return {**{k: sum(v) / len(v) for k, v in sums.items()}, **stats}
@@ -225,22 +260,27 @@ class PPO:
         # Without a bonus the entropy is only a metric, on the first epoch (it costs a softmax).
         entropy = "grad" if cfg.entropy_coef > 0 else "detached" if mb["first_epoch"] else "none"
         logp, ent = completion_logprobs(model, mb, cfg.sampling.temperature, entropy=entropy)
-        return ppo_policy_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], normalizer,
-                               epsilon=cfg.epsilon, dual_clip=cfg.dual_clip, entropy=ent,
-                               entropy_coef=cfg.entropy_coef)
+        return _unless_padding(mb, *ppo_policy_loss(
+            logp, mb["old_logp"], mb["adv"], mb["mask"], normalizer, epsilon=cfg.epsilon,
+            dual_clip=cfg.dual_clip, entropy=ent, entropy_coef=cfg.entropy_coef))
 
     def value_loss(self, model: nn.Module, mb: dict[str, Any], normalizer: float
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return ppo_value_loss(token_values(model, mb), mb["old_values"], mb["returns"],
-                              mb["mask"], normalizer, clip_range=self.cfg.value_clip)
+        return _unless_padding(mb, *ppo_value_loss(
+            token_values(model, mb), mb["old_values"], mb["returns"], mb["mask"], normalizer,
+            clip_range=self.cfg.value_clip))
 
     # -- experience ----------------------------------------------------------------------
     def rollout(self) -> tuple[Experience, dict[str, float]]:
-        cfg, t0 = self.cfg, time.perf_counter()
-        rows = self.cursor.next(cfg.prompts_per_step)
-        seed = (cfg.seed * 1_000_003 + self.rl_step * 101) % 2**62
-        ro = self.generator.generate([r["_ids"] for r in rows], cfg.num_generations,
-                                     cfg.sampling.params(seed))
+        """This rank's share of the step: sampled, scored, valued; advantages whitened over
+        the whole step, statistics reduced over ranks."""
+        cfg, info, t0 = self.cfg, self.engine.dist, time.perf_counter()
+        rows = online.rank_slice(self.cursor.next(cfg.prompts_per_step), info)
+        seed = (cfg.seed * 1_000_003 + self.rl_step * 101 + info.rank * 7_919) % 2**62
+        # All ranks sample at once; the gathered weights let their lengths differ (fsdp2).
+        with fsdp.gathered(self.engine.model):
+            ro = self.generator.generate([r["_ids"] for r in rows], cfg.num_generations,
+                                         cfg.sampling.params(seed))
         t1 = time.perf_counter()
         out, _ = score_rollouts(self.rewards, self.tokenizer, rows, ro)
         no_eos = torch.tensor([r == "length" for r in ro.finish_reasons], dtype=torch.float)
@@ -250,20 +290,22 @@ class PPO:
         beta = self.kl_ctl.beta
         r, kl = kl_penalized_rewards(scores, old_logp, ref_logp, mask, beta, cfg.kl_estimator)
         adv, returns = gae(r, old_values, mask, cfg.gamma, cfg.lam)
-        stats = {**out.metrics,
-                 **self.experience_stats(ro, scores, kl, adv, returns, old_values, mask, beta)}
+        step_tensors = gather_rows([scores, kl, adv, returns, old_values, mask], info)
         if cfg.whiten_advantages:
-            adv = masked_whiten(adv, mask)
-        stats.update({"time/generate_s": t1 - t0, "time/reward_s": t2 - t1,
-                      "time/logprobs_s": time.perf_counter() - t2, **ro.stats})
+            adv = masked_whiten(adv, mask, total=partial(ddp.all_reduce_tensor, info=info,
+                                                         device=self.engine.device))
+        stats = online.mean_over_ranks(
+            {**out.metrics, "completions/no_eos_frac": no_eos_frac(ro), **ro.stats,
+             "time/generate_s": t1 - t0, "time/reward_s": t2 - t1,
+             "time/logprobs_s": time.perf_counter() - t2}, self.engine)
         exp = Experience(ro, scores, mask, old_logp, ref_logp, old_values, kl, adv, returns)
-        return exp, stats
+        return exp, {**stats, **self.experience_stats(*step_tensors, beta)}
 
-    def experience_stats(self, ro: Rollouts, scores: Tensor, kl: Tensor, adv: Tensor,
-                         returns: Tensor, values: Tensor, mask: Tensor,
-                         beta: float) -> dict[str, float]:
-        seq_kl = kl.sum(-1)  # (S,)
-        n, m = lengths(ro), mask
+    @staticmethod
+    def experience_stats(scores: Tensor, kl: Tensor, adv: Tensor, returns: Tensor,
+                         values: Tensor, mask: Tensor, beta: float) -> dict[str, float]:
+        """Statistics of the step's experience (every rank's rows: ``gather_rows``)."""
+        seq_kl, n, m = kl.sum(-1), mask.sum(-1).float(), mask  # (S,)
         return {
             "objective/kl": float(seq_kl.mean()), "objective/score": float(scores.mean()),
             "objective/rlhf_reward": float((scores - beta * seq_kl).mean()),
@@ -274,7 +316,6 @@ class PPO:
             "values/mean": float(values[m].mean()),
             "completions/mean_length": float(n.mean()),
             "completions/max_length": float(n.max()),
-            "completions/no_eos_frac": no_eos_frac(ro),
         }
 
     @torch.no_grad()
@@ -312,6 +353,20 @@ class PPO:
         mb["idx"] = torch.tensor(order)
         return mb
 
+    def minibatch(self, exp: Experience, chunk: Sequence[int], epoch: int
+                  ) -> list[dict[str, Any]]:
+        """This rank's micro-batches of one minibatch (``chunk``: indices into the whole
+        step's completions, rank r holding the r-th contiguous share): the members it holds,
+        ``batch_size`` per micro-batch, padded to as many micro-batches as any rank has."""
+        info, held, bs = self.engine.dist, len(exp.ro), self.cfg.batch_size
+        first = info.rank * held
+        mine = [k - first for k in chunk if first <= k < first + held]
+        mbs = [self.train_mb(exp, mine[i : i + bs], epoch) for i in range(0, len(mine), bs)]
+        if not info.enabled:
+            return mbs
+        need = int(ddp.all_reduce_max(float(len(mbs)), info, self.engine.device)) - len(mbs)
+        return mbs + [{**self.train_mb(exp, [0], epoch), "pad": True} for _ in range(need)]
+
     def train_mb(self, exp: Experience, idx: Sequence[int], epoch: int) -> dict[str, Any]:
         mb = self.make_mb(exp.ro, idx)
         rows, width, dev = mb["idx"], mb["mask"].shape[1], self.engine.device
@@ -322,9 +377,12 @@ class PPO:
 
     # -- evaluation and state ------------------------------------------------------------
     def evaluate(self, rows: list[Row]) -> dict[str, float]:
-        m = evaluate_policy(self.engine.model, self.ref, self.tokenizer, rows, self.rewards,
-                            max_new_tokens=self.cfg.sampling.max_new_tokens, seed=self.cfg.seed,
-                            precision=self.cfg.precision, batch_size=self.cfg.eval.batch_size)
+        """Every rank evaluates the same held-out rows (rank 0 logs them)."""
+        with fsdp.gathered(self.engine.model):
+            m = evaluate_policy(self.engine.model, self.ref, self.tokenizer, rows, self.rewards,
+                                max_new_tokens=self.cfg.sampling.max_new_tokens,
+                                seed=self.cfg.seed, precision=self.cfg.precision,
+                                batch_size=self.cfg.eval.batch_size)
         return {f"eval/{k}": v for k, v in m.items()}
 
     def state(self) -> dict[str, Any]:
@@ -350,8 +408,8 @@ def load_value(cfg: PPOConfig, tokenizer: Any, resume_from: Path | None,
     return model.to(device)
 
 
-def train_ppo(cfg: PPOConfig) -> Path:
-    """Run PPO end to end; returns the final directory (policy; value model in ``value/``)."""
+def setup_ppo(cfg: PPOConfig) -> tuple[online.OnlineRun, PPO]:
+    """The run's set-up and its PPO state (engine, value and reference models, cursor)."""
     run = online.start_online(cfg)
     cfg = run.cfg
     device = next(run.model.parameters()).device
@@ -360,6 +418,10 @@ def train_ppo(cfg: PPOConfig) -> Path:
     engine.add_model(VALUE, value, cfg.value_lr, lr_key="value_lr")
     ref = load_reference(run.model, cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                          seed=cfg.seed)
-    cursor = run.cursor()
-    ppo = PPO(cfg, engine, value, cursor, run.rewards, ref)
-    return online.run_online(engine, ppo, cursor, run.held_out, run.resume_from)
+    return run, PPO(cfg, engine, value, run.cursor(), run.rewards, ref)
+
+
+def train_ppo(cfg: PPOConfig) -> Path:
+    """Run PPO end to end; returns the final directory (policy; value model in ``value/``)."""
+    run, ppo = setup_ppo(cfg)
+    return online.run_online(ppo.engine, ppo, ppo.cursor, run.held_out, run.resume_from)

@@ -23,6 +23,8 @@ whole accumulated minibatch), so gradient accumulation equals one large minibatc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -34,15 +36,21 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``(x - mean) / std`` over the real tokens of the whole batch (population std); padding
-    is returned as 0. ``shift_mean=False`` only rescales (keeps the sign of the mean)."""
-    mean = _masked_mean(x, mask)
-    var = _masked_mean((x - mean) ** 2, mask)
+    is returned as 0. ``shift_mean=False`` only rescales (keeps the sign of the mean).
+    ``total`` sums a partial sum over every process holding a share of the batch (an
+    all-reduce), so each share is whitened with the whole batch's statistics."""
+    total = total or (lambda t: t)
+    m = mask.to(x.dtype)
+    count = total(m.sum()).clamp_min(1.0)
+    mean = total((x * m).sum()) / count
+    var = total(((x - mean) ** 2 * m).sum()) / count
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 def kl_penalized_rewards(

@@ -29,7 +29,12 @@ Entropy = Literal["none", "detached", "grad"]
 
 
 def _base(model: nn.Module) -> nn.Module:
-    """The transformers model under peft (DDP-wrapped models are called as they are)."""
+    """The transformers model under DDP (calls of its body run DDP's hooks,
+    ``train/distributed.py``) and peft."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

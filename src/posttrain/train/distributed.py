@@ -102,6 +102,25 @@ def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_tensor(t: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
+    """The sum of ``t`` over ranks, reduced on ``device`` (NCCL reduces only CUDA tensors)
+    and returned on ``t``'s device; ``t`` itself on one process."""
+    if not info.enabled:
+        return t
+    out = t.detach().to(device, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def all_gather_object(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's ``obj``, in rank order."""
+    if not info.enabled:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, info: DistInfo) -> object:
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

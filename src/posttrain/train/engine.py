@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from posttrain.config.serialize import config_to_dict, save_config
@@ -177,6 +178,7 @@ class Engine:
             fsdp.shard(model, cfg.precision, cfg.cpu_offload)
         self.policy = ModelOptimizer(cfg, model, cfg.lr, total_steps)
         self.others: dict[str, ModelOptimizer] = {}
+        self.others_train: dict[str, nn.Module] = {}  # what runs their forwards (DDP wrapper)
         self.step = 0
         # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
         # FSDP2 shards the module itself: both names are the same object.
@@ -201,11 +203,12 @@ class Engine:
                   fused: bool = True) -> None:
         """Train ``model`` beside the policy with its own optimizer and LR schedule (same
         warmup, decay and length); checkpoints save it in ``model/<name>/``. Under fsdp2 it
-        is sharded like the policy."""
+        is sharded like the policy, under torchrun's DDP wrapped like it."""
         if self.sharded:
             fsdp.shard(model, self.cfg.precision, self.cfg.cpu_offload)
         self.others[name] = ModelOptimizer(self.cfg, model, lr, self.total_steps, name=name,
                                            lr_key=lr_key, fused=fused)
+        self.others_train[name] = model if self.sharded else ddp.wrap_ddp(model, self.dist)
 
     # ---- one optimizer step -------------------------------------------------------------
     def update(self, micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn,
@@ -226,8 +229,8 @@ class Engine:
         with ddp.peer_failure(self.dist, self.step + 1, f"step {self.step + 1}",
                               self.cfg.dist_timeout):
             if model is not None:
-                return self._update_other(self.others[model], micro_batches, loss_fn,
-                                          count_fn)
+                return self._update_other(self.others[model], self.others_train[model],
+                                          micro_batches, loss_fn, count_fn)
             ddp.mark_step(self.dist, self.step + 1)
             return self._update_policy(micro_batches, loss_fn, count_fn, extra_count)
 
@@ -257,10 +260,11 @@ class Engine:
         self.progress.advance(self.step, total_loss)
         return out
 
-    def _update_other(self, opt: ModelOptimizer, micro_batches: Sequence[Batch],
-                      loss_fn: LossFn, count_fn: CountFn) -> dict:
+    def _update_other(self, opt: ModelOptimizer, train_model: nn.Module,
+                      micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict:
         opt.model.train()
-        total_loss, sums = self._accumulate(opt, opt.model, micro_batches, loss_fn, count_fn, 0.0)
+        total_loss, sums = self._accumulate(opt, train_model, micro_batches, loss_fn, count_fn,
+                                            0.0)
         grad_norm, stepped = opt.step(total_loss, self.step)
         out = {**sums, f"train/{opt.name}_grad_norm": grad_norm,
                f"train/{opt.name}_lr": opt.scheduler.get_last_lr()[0]}
@@ -296,8 +300,8 @@ class Engine:
         micro-batch of a step."""
         if fsdp.is_sharded(model):
             return fsdp.gradient_sync(model, sync=last)
-        if self.dist.enabled and not last and model is self.train_model:
-            return self.train_model.no_sync()
+        if self.dist.enabled and not last and isinstance(model, DistributedDataParallel):
+            return model.no_sync()
         return nullcontext()
 
     # ---- logging and checkpoints -------------------------------------------------------------
@@ -318,26 +322,29 @@ class Engine:
         return path
 
     def _trainer_state(self, cursor: dict[str, Any], extra: dict[str, Any] | None,
-                       optimizer: bool) -> dict[str, Any]:
-        return {"step": self.step, **self.policy.state_dict(optimizer), "rng": ckpt.rng_state(),
+                       optimizer: bool, rngs: list[object]) -> dict[str, Any]:
+        return {"step": self.step, **self.policy.state_dict(optimizer), "rng": rngs,
                 "cursor": cursor, "extra": extra or {},
                 "models": {name: opt.state_dict(optimizer) for name, opt in self.others.items()}}
 
     def _save_replicated(self, cursor: dict[str, Any], extra: dict[str, Any] | None) -> Path:
         path = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}"
+        rngs = ddp.all_gather_object(ckpt.rng_state(), self.dist)  # every rank's, in rank order
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, partial(self._save_models, final=False),
-                self._trainer_state(cursor, extra, optimizer=True), self.cfg.save_total_limit,
+                self._trainer_state(cursor, extra, optimizer=True, rngs=rngs),
+                self.cfg.save_total_limit,
             )
         ddp.barrier(self.dist)
         return path
 
     def _save_sharded(self, cursor: dict[str, Any], extra: dict[str, Any] | None) -> Path:
+        rngs = ddp.all_gather_object(ckpt.rng_state(), self.dist)
         return ckpt.save_sharded_checkpoint(
             self.run_dir, self.step, self._write_shards,
-            self._trainer_state(cursor, extra, optimizer=False), self.cfg.save_total_limit,
-            self.dist)
+            self._trainer_state(cursor, extra, optimizer=False, rngs=rngs),
+            self.cfg.save_total_limit, self.dist)
 
     def _write_shards(self, path: Path) -> None:
         """Every rank's shards into ``path``; with ``hf_checkpoints`` also the gathered model
@@ -376,10 +383,17 @@ class Engine:
         self.policy.load_state_dict(state)
         for name, opt in self.others.items():
             opt.load_state_dict(state["models"][name])
-        ckpt.set_rng_state(state["rng"])
+        self._restore_rng(state["rng"])
         self.step = int(state["step"])
         self.progress.advance(self.step, None)
         return state
+
+    def _restore_rng(self, saved: list[dict[str, Any]] | dict[str, Any]) -> None:
+        """Each rank takes back its own RNG streams (dropout, any unseeded sampling); on a
+        larger world size the new ranks keep the streams they were seeded with."""
+        rngs = saved if isinstance(saved, list) else [saved]
+        if self.dist.rank < len(rngs):
+            ckpt.set_rng_state(rngs[self.dist.rank])
 
     def _assert_finite(self) -> None:
         """Refuse to save NaN/inf weights; under fsdp2 each rank checks its shards and all

@@ -120,15 +120,12 @@ class OnlineRun:
         return PromptCursor(self.rows, self.cfg.prompts_per_step, self.cfg.seed)
 
 
-def start_online(cfg: OnlineConfig, across_ranks: bool = False) -> OnlineRun:
+def start_online(cfg: OnlineConfig) -> OnlineRun:
     """Run dir, policy, prompt rows (train and held-out), reward: the set-up of any online
-    recipe, before its own models and state. ``across_ranks``: the recipe splits each step's
-    prompts over torchrun's ranks (``rank_slice``); other recipes run in one process."""
+    recipe, before its own models and state. Under torchrun the recipe splits each step's
+    prompts over the ranks (``rank_slice``)."""
     run_dir, resume_from = prepare_run(cfg)
     info = ddp.current()
-    if info.enabled and not across_ranks:  # every rank would draw the same prompts
-        raise ConfigError(f"{type(cfg).__name__.removesuffix('Config').lower()} runs in one "
-                          "process: no torchrun data parallelism yet")
     if info.enabled and cfg.prompts_per_step % info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
                           f"{info.world_size} ranks: each rank takes whole groups of the step")
@@ -188,6 +185,18 @@ def rank_slice(rows: list[Row], info: ddp.DistInfo) -> list[Row]:
     completions is sampled, rewarded and trained on this rank."""
     k = len(rows) // info.world_size
     return rows[info.rank * k:(info.rank + 1) * k]
+
+
+def mean_over_ranks(stats: dict[str, float], engine: Engine) -> dict[str, float]:
+    """Rollout statistics of the whole step: each rank's (equal-sized) share averaged,
+    ``*max_length`` maxima taken over ranks. Means over the step are exact; spreads (``std``,
+    explained variance) are the ranks' average."""
+    info, dev = engine.dist, engine.device
+    if not info.enabled:
+        return stats
+    return {k: (ddp.all_reduce_max(v, info, dev) if k.endswith("max_length") else
+                ddp.all_reduce_sum(v, info, dev) / info.world_size)
+            for k, v in stats.items()}
 
 
 def policy_sampler(engine: Engine) -> KVCacheGenerator:
