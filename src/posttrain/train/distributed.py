@@ -102,13 +102,15 @@ def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item())
 
 
-def all_reduce_tensor(t: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
-    """The sum of ``t`` over ranks, reduced on ``device`` (NCCL reduces only CUDA tensors)
-    and returned on ``t``'s device; ``t`` itself on one process."""
+def all_reduce_tensor(t: torch.Tensor, info: DistInfo, device: torch.device,
+                      op: str = "sum") -> torch.Tensor:
+    """The elementwise sum (or ``op="max"``) of ``t`` over ranks, reduced on ``device``
+    (NCCL reduces only CUDA tensors) and returned on ``t``'s device; ``t`` itself on one
+    process."""
     if not info.enabled:
         return t
     out = t.detach().to(device, copy=True)
-    dist.all_reduce(out)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return out.to(t.device)
 
 

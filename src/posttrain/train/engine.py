@@ -84,6 +84,7 @@ class ModelOptimizer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, lr: float, total_steps: int,
                  name: str = "", lr_key: str = "lr", fused: bool = True):
         self.cfg, self.model, self.name, self.lr_key = cfg, model, name, lr_key
+        self.train_model = model  # what runs its forwards: the engine may wrap it (DDP)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError(f"the {name or 'policy'} model has no trainable parameters")
@@ -178,7 +179,6 @@ class Engine:
             fsdp.shard(model, cfg.precision, cfg.cpu_offload)
         self.policy = ModelOptimizer(cfg, model, cfg.lr, total_steps)
         self.others: dict[str, ModelOptimizer] = {}
-        self.others_train: dict[str, nn.Module] = {}  # what runs their forwards (DDP wrapper)
         self.step = 0
         # The DDP wrapper runs forwards; ``self.model`` stays the plain module for saving.
         # FSDP2 shards the module itself: both names are the same object.
@@ -206,9 +206,11 @@ class Engine:
         is sharded like the policy, under torchrun's DDP wrapped like it."""
         if self.sharded:
             fsdp.shard(model, self.cfg.precision, self.cfg.cpu_offload)
-        self.others[name] = ModelOptimizer(self.cfg, model, lr, self.total_steps, name=name,
-                                           lr_key=lr_key, fused=fused)
-        self.others_train[name] = model if self.sharded else ddp.wrap_ddp(model, self.dist)
+        opt = ModelOptimizer(self.cfg, model, lr, self.total_steps, name=name, lr_key=lr_key,
+                             fused=fused)
+        if not self.sharded:
+            opt.train_model = ddp.wrap_ddp(model, self.dist)
+        self.others[name] = opt
 
     # ---- one optimizer step -------------------------------------------------------------
     def update(self, micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn,
@@ -229,8 +231,8 @@ class Engine:
         with ddp.peer_failure(self.dist, self.step + 1, f"step {self.step + 1}",
                               self.cfg.dist_timeout):
             if model is not None:
-                return self._update_other(self.others[model], self.others_train[model],
-                                          micro_batches, loss_fn, count_fn)
+                return self._update_other(self.others[model], micro_batches, loss_fn,
+                                          count_fn)
             ddp.mark_step(self.dist, self.step + 1)
             return self._update_policy(micro_batches, loss_fn, count_fn, extra_count)
 
@@ -260,11 +262,11 @@ class Engine:
         self.progress.advance(self.step, total_loss)
         return out
 
-    def _update_other(self, opt: ModelOptimizer, train_model: nn.Module,
-                      micro_batches: Sequence[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict:
+    def _update_other(self, opt: ModelOptimizer, micro_batches: Sequence[Batch],
+                      loss_fn: LossFn, count_fn: CountFn) -> dict:
         opt.model.train()
-        total_loss, sums = self._accumulate(opt, train_model, micro_batches, loss_fn, count_fn,
-                                            0.0)
+        total_loss, sums = self._accumulate(opt, opt.train_model, micro_batches, loss_fn,
+                                            count_fn, 0.0)
         grad_norm, stepped = opt.step(total_loss, self.step)
         out = {**sums, f"train/{opt.name}_grad_norm": grad_norm,
                f"train/{opt.name}_lr": opt.scheduler.get_last_lr()[0]}

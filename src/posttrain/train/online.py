@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+import torch
 from torch import nn
 
 from posttrain.data.prompts import PromptCursor, Row, encode_prompts, load_prompt_rows
@@ -191,12 +192,19 @@ def mean_over_ranks(stats: dict[str, float], engine: Engine) -> dict[str, float]
     """Rollout statistics of the whole step: each rank's (equal-sized) share averaged,
     ``*max_length`` maxima taken over ranks. Means over the step are exact; spreads (``std``,
     explained variance) are the ranks' average."""
-    info, dev = engine.dist, engine.device
+    info = engine.dist
     if not info.enabled:
         return stats
-    return {k: (ddp.all_reduce_max(v, info, dev) if k.endswith("max_length") else
-                ddp.all_reduce_sum(v, info, dev) / info.world_size)
-            for k, v in stats.items()}
+    maxed = [k for k in stats if k.endswith("max_length")]
+    summed = [k for k in stats if k not in maxed]
+    # Two collectives per step, not one per statistic (every rank has the same keys).
+    sums = ddp.all_reduce_tensor(torch.tensor([stats[k] for k in summed], dtype=torch.float64),
+                                 info, engine.device)
+    maxima = ddp.all_reduce_tensor(torch.tensor([stats[k] for k in maxed], dtype=torch.float64),
+                                   info, engine.device, op="max")
+    reduced = {**{k: float(v) / info.world_size for k, v in zip(summed, sums, strict=True)},
+               **{k: float(v) for k, v in zip(maxed, maxima, strict=True)}}
+    return {k: reduced[k] for k in stats}
 
 
 def policy_sampler(engine: Engine) -> KVCacheGenerator:
