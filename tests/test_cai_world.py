@@ -121,3 +121,28 @@ def test_judge_check_needs_a_constitution():
 
     with pytest.raises(ConfigError, match="constitution"):
         EvalRunConfig(checks=["judge"]).validate()
+
+
+def test_judge_check_with_a_rating_judge(tmp_path, nano_dir):
+    from posttrain.evals.run import EvalRunConfig, run_eval
+
+    cfg = EvalRunConfig(model=str(nano_dir), output_dir=str(tmp_path / "ev"), checks=["judge"],
+                        constitution="demo", prompts=20, judge_mode="rate")
+    cfg.validate()
+    m = json.loads((run_eval(cfg) / "eval.json").read_text())["metrics"]
+    assert m["judge_order_inconsistent"] == 0  # one rating per answer: no slot to prefer
+    assert 0 <= m["judge_agreement"] <= m["judge_kept"] <= 1
+
+
+def test_judge_mode_belongs_to_the_judge_check():
+    from posttrain.config import config_from_dict
+    from posttrain.errors import ConfigError
+    from posttrain.evals.run import EvalRunConfig
+
+    with pytest.raises(ConfigError, match="judge_mode"):
+        config_from_dict(EvalRunConfig, {"checks": ["arithmetic"], "judge_mode": "rate"})
+
+
+def test_rating_fractions_are_checked():
+    with pytest.raises(ValueError, match="rate_frac"):
+        safety_chat(size=10, cai_frac=0.5, rate_frac=0.6)

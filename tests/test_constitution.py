@@ -23,6 +23,7 @@ principles:
     critique: Point out needless refusals.
     revision: Help directly.
     judge: Which answer helps more?
+    rubric: Does the answer help?
 """
 
 
@@ -35,13 +36,16 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("name", ["hhh", "demo"])
 def test_shipped_constitutions_load(name: str) -> None:
     c = load_constitution(name)
-    assert c.principles and all(p.critique and p.revision and p.judge for p in c.principles)
+    assert c.principles and all(p.critique and p.revision and p.judge and p.rubric
+                                for p in c.principles)
 
 
 def test_fields_weights_and_categories(tmp_path: Path) -> None:
     c = load_constitution(write(tmp_path, GOOD))
     assert c.name == "mine" and c["help"].judge == "Which answer helps more?"
     assert c["harm"].judge.startswith("Which answer better follows")  # derived from revision
+    assert c["help"].rubric == "Does the answer help?"
+    assert c["harm"].rubric == "Does the answer follow this request: Remove the harm."
     rng = random.Random(0)
     draws = Counter(c.sample(rng, "safety").name for _ in range(4000))
     assert draws["harm"] / 4000 == pytest.approx(0.75, abs=0.03)  # weights 3 : 1

@@ -218,3 +218,21 @@ def test_judged_needs_a_constitution(nano_dir, tmp_path):
 def test_the_model_judges_itself_by_default(nano_dir, tmp_path):
     cfg = make(nano_dir, tmp_path, keep="judged", constitution="hhh", n=2)
     assert all(0.5 < r["judge_p"] < 1.0 for r in read(run_generate(cfg)))
+
+
+def test_a_rating_judge_labels_by_each_answers_rating(nano_dir, tmp_path, caplog):
+    from posttrain.cai import load_constitution
+    from posttrain.cai.judge import RatingJudge, _bradley_terry
+    from posttrain.models.io import load_model, load_tokenizer
+
+    cfg = make(nano_dir, tmp_path, keep="judged", constitution="demo", n=2, judge_mode="rate")
+    with caplog.at_level("INFO", logger="posttrain"):
+        rows = read(run_generate(cfg))
+    assert rows and "order-inconsistent" not in caplog.text
+    judge = RatingJudge(load_model(str(nano_dir)), load_tokenizer(str(nano_dir)))
+    demo = load_constitution("demo")
+    for r in rows[:4]:
+        rubric, prompt = demo[r["principle"]].rubric, r["prompt"][-1]["content"]
+        good, bad = judge.rate([(rubric, prompt, r[k][0]["content"])
+                                for k in ("chosen", "rejected")])
+        assert good > bad and r["judge_p"] == pytest.approx(_bradley_terry(good, bad), abs=1e-4)

@@ -51,3 +51,76 @@ def test_model_judge_reads_the_probability_of_a_versus_b(nano_dir: Path) -> None
     one = ModelJudge(judge.model, judge.tokenizer, batch_size=1)
     assert [v.p_a for v in judge_pairs(one, PROMPTS, A, B, QUESTIONS)] == pytest.approx(
         [v.p_a for v in verdicts], abs=1e-4)
+
+
+def test_bradley_terry_on_the_ratings_log_odds_by_hand() -> None:
+    from posttrain.cai.judge import _bradley_terry
+
+    assert _bradley_terry(0.8, 0.5) == pytest.approx(0.8)  # logit 0.5 = 0
+    # logit 0.9 - logit 0.1 = 2 ln 9: sigmoid = 81 / 82
+    assert _bradley_terry(0.9, 0.1) == pytest.approx(81 / 82)
+    assert _bradley_terry(0.3, 0.3) == pytest.approx(0.5)
+
+
+def _rating_judge(nano_dir: Path, batch_size: int = 16):  # noqa: ANN202
+    from posttrain.cai.judge import RatingJudge
+    from posttrain.models.io import load_model, load_tokenizer
+
+    return RatingJudge(load_model(str(nano_dir)), load_tokenizer(str(nano_dir)),
+                       batch_size=batch_size)
+
+
+def test_a_rating_judge_rates_each_answer_once_and_is_never_order_inconsistent(
+        nano_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from posttrain.cai import judge as judge_module
+
+    judge = _rating_judge(nano_dir, batch_size=2)
+    rated: list[int] = []
+    real = judge_module._p_choice
+
+    def counting(model, tokenizer, ids, choice_ids):  # noqa: ANN001, ANN202
+        rated.append(len(ids))
+        return real(model, tokenizer, ids, choice_ids)
+
+    monkeypatch.setattr(judge_module, "_p_choice", counting)
+    rubrics = ["Does the answer keep the secret?"] * 3
+    verdicts = judge_pairs(judge, PROMPTS, A, B, QUESTIONS, rubrics=rubrics)
+    assert sum(rated) == 6  # 3 prompts x 2 answers, though judge_pairs asks both orders
+    ratings = judge.rate([(r, p, x) for r, p, x in zip(rubrics, PROMPTS, A, strict=True)] +
+                         [(r, p, y) for r, p, y in zip(rubrics, PROMPTS, B, strict=True)])
+    assert all(0.0 < s < 1.0 for s in ratings)
+    from posttrain.cai.judge import _bradley_terry
+
+    for i, v in enumerate(verdicts):
+        assert v.why != "order-inconsistent"
+        assert v.p_a_first == pytest.approx(v.p_a_second)
+        assert v.p_a == pytest.approx(_bradley_terry(ratings[i], ratings[3 + i]), abs=1e-6)
+    # batching (left padding) does not change a rating
+    one = _rating_judge(nano_dir, batch_size=1)
+    assert one.rate([("r", PROMPTS[0], A[0]), ("r", PROMPTS[1], B[1])]) == pytest.approx(
+        judge.rate([("r", PROMPTS[0], A[0]), ("r", PROMPTS[1], B[1])]), abs=1e-4)
+
+
+def test_rating_lessons_ask_what_the_rating_judge_asks() -> None:
+    from posttrain.cai.judge import RATE_TEMPLATE
+    from posttrain.tasks.safety import safety_chat
+
+    rows = safety_chat(size=300, safety_frac=0, rate_frac=1.0)
+    verdicts = [r["messages"][1]["content"] for r in rows]
+    assert set(verdicts) == {"Yes", "No"} and 0.35 < verdicts.count("Yes") / 300 < 0.65
+    head, _, tail = RATE_TEMPLATE.partition("{rubric}")
+    for r in rows:
+        assert r["messages"][0]["content"].endswith(tail.rsplit("}", 1)[-1])
+        assert "\n\nRequest: " in r["messages"][0]["content"]
+    test = {r["messages"][0]["content"] for r in safety_chat(split="test", size=300,
+                                                                safety_frac=0, rate_frac=1.0)}
+    assert not test & {r["messages"][0]["content"] for r in rows}
+
+
+def test_a_rating_judge_needs_yes_and_no_to_start_differently(nano_dir: Path) -> None:
+    from posttrain.cai.judge import RatingJudge
+    from posttrain.models.io import load_model, load_tokenizer
+
+    with pytest.raises(ValueError, match="Yes"):
+        RatingJudge(load_model(str(nano_dir)), load_tokenizer(str(nano_dir)),
+                    choices=("Yes", "Yeah"))

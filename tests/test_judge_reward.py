@@ -56,3 +56,18 @@ def test_the_judge_needs_a_model_and_a_reference_column(tmp_path: Path) -> None:
         "reward.judge_model=tests.test_judge_reward:digit_judge"])
     with pytest.raises(PosttrainError, match="column .reference."):
         train_grpo(cfg)
+
+
+def test_a_rating_judge_scores_the_completion_alone(nano_dir: Path) -> None:
+    from posttrain.cai.judge import RatingJudge
+    from posttrain.models.io import load_model, load_tokenizer
+
+    reward = JudgeReward(str(nano_dir), "Is the answer polite?", mode="rate")
+    assert reward.required_columns == ()  # no reference answer needed
+    got = reward(["Say hi.", "Say hi."], ["Hello!", "Go away."])
+    judge = RatingJudge(load_model(str(nano_dir)), load_tokenizer(str(nano_dir)))
+    assert got == pytest.approx(judge.rate([("Is the answer polite?", "Say hi.", "Hello!"),
+                                            ("Is the answer polite?", "Say hi.", "Go away.")]),
+                                abs=1e-5)
+    with pytest.raises(ConfigError, match="rate"):
+        JudgeReward("tests.test_judge_reward:digit_judge", "q", mode="rate")(["q"], ["a"])

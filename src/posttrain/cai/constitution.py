@@ -10,6 +10,7 @@ preferences (RLAIF). The principles live here, as YAML::
         critique: Point out any way the answer helps someone cause harm.
         revision: Rewrite the answer so that it no longer helps cause harm.
         judge: Which answer is less likely to help someone cause harm?   # RLAIF question
+        rubric: Does the answer avoid helping anyone cause harm?  # the same, one answer
         categories: [safety]                    # optional: which prompts it applies to
         weight: 2.0                             # optional: how often it is sampled (> 0)
         examples:                               # optional few-shot, shown before the task
@@ -19,9 +20,11 @@ preferences (RLAIF). The principles live here, as YAML::
             revision: I can't help with getting into someone else's network. ...
 
 A principle needs ``critique`` and ``revision`` (the supervised phase) and may add ``judge``
-(the comparison question of the feedback phase; a default one is derived from the revision
-request otherwise). Errors name the file, the line and the field. ``load_constitution("hhh")``
-and ``load_constitution("demo")`` read the shipped ones (``cai/files``).
+(the comparison question of the feedback phase) and ``rubric`` (the yes/no question a rating
+judge asks of one answer; "Yes" means the answer follows the principle); defaults are derived
+from the revision request otherwise. Errors name the file, the line and the field.
+``load_constitution("hhh")`` and ``load_constitution("demo")`` read the shipped ones
+(``cai/files``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from posttrain.errors import ConfigError
 
 FILES = Path(__file__).parent / "files"
 SHIPPED = {"hhh": FILES / "hhh.yaml", "demo": FILES / "demo.yaml"}
-_PRINCIPLE_KEYS = {"name", "critique", "revision", "judge", "categories", "weight", "examples"}
+_PRINCIPLE_KEYS = {"name", "critique", "revision", "judge", "rubric", "categories", "weight",
+                   "examples"}
 _EXAMPLE_KEYS = {"prompt", "answer", "critique", "revision"}
 
 
@@ -59,6 +63,7 @@ class Principle:
     critique: str
     revision: str
     judge: str
+    rubric: str = ""  # a yes/no question about one answer; "Yes" means it follows the principle
     categories: tuple[str, ...] = ()
     weight: float = 1.0
     examples: tuple[Example, ...] = ()
@@ -153,9 +158,11 @@ class _Reader:
         revision = self.text(f.get("revision"), f"{where}.revision", node)
         judge = (self.text(f["judge"], f"{where}.judge", node) if "judge" in f else
                  f"Which answer better follows this request: {revision}")
+        rubric = (self.text(f["rubric"], f"{where}.rubric", node) if "rubric" in f else
+                  f"Does the answer follow this request: {revision}")
         return Principle(
             name=name, critique=self.text(f.get("critique"), f"{where}.critique", node),
-            revision=revision, judge=judge,
+            revision=revision, judge=judge, rubric=rubric,
             categories=self.categories(f.get("categories"), f"{where}.categories"),
             weight=self.weight(f.get("weight"), f"{where}.weight"),
             examples=tuple(self.example(n, f"{where}.examples[{i}]")

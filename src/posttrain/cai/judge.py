@@ -1,11 +1,17 @@
 """AI judges: which of two answers better follows a principle (RLAIF, seed §5.8).
 
-A judge maps comparisons to P(the first answer is better). Two implementations share that
+A judge maps comparisons to P(the first answer is better). These implementations share that
 protocol:
 
     ModelJudge     a local HF model, asked "... Answer with A or B." and read from the
                    probability of its next token: P(A) = softmax(logit_A, logit_B)[0]
                    (not by parsing free text, which a small model gets wrong in many ways)
+    RatingJudge    a local HF model asked the principle's yes/no ``rubric`` about one answer
+                   ("... Answer with Yes or No."), s = P(Yes) = softmax(logit_Yes,
+                   logit_No)[0]; the comparison is
+                   Bradley-Terry on the ratings' log-odds, P(first) = sigmoid(logit s1 -
+                   logit s2). One answer per prompt is a shorter, slot-free task (no position
+                   bias by construction), which a small judge learns far sooner
     CallableJudge  any Python function ``(prompt, first, second, question) -> P(first)``
     HttpJudge      any OpenAI-compatible chat endpoint (``posttrain serve``, vLLM, a hosted
                    API): the reply's first letter, A or B, gives P = 1 or 0; retries with
@@ -35,6 +41,8 @@ from posttrain.errors import ConfigError
 JUDGE_TEMPLATE = (
     "{question}\n\nRequest: {prompt}\n\nAnswer A: {first}\n\nAnswer B: {second}\n\n"
     "Answer with A or B.")
+RATE_TEMPLATE = "{rubric}\n\nRequest: {prompt}\n\nAnswer: {answer}\n\nAnswer with Yes or No."
+JUDGE_MODES = ("compare", "rate")  # ModelJudge, RatingJudge
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Comparison:
     first: str
     second: str
     question: str  # the principle's judge question
+    rubric: str = ""  # its yes/no rubric (rating judges; the question when empty)
 
 
 class Judge(Protocol):
@@ -100,16 +109,77 @@ class ModelJudge:
         return out
 
     def _p_first(self, ids: list[list[int]]) -> list[float]:
-        device = next(self.model.parameters()).device
-        width = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id or 0
-        # left padding: every row's next token is at the last position
-        x = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, -1]
-        two = logits[:, list(self.choice_ids)].float()
-        return torch.softmax(two, dim=-1)[:, 0].tolist()
+        return _p_choice(self.model, self.tokenizer, ids, self.choice_ids)
+
+
+class RatingJudge:
+    """A local causal LM rating one answer at a time by its next-token probabilities of "Yes"
+    and "No" (the first token of each) after the principle's rubric; see the module doc."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16,
+                 template: str = RATE_TEMPLATE, choices: tuple[str, str] = ("Yes", "No")) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.template = batch_size, template
+        yes, no = (tokenizer.encode(w, add_special_tokens=False)[:1] for w in choices)
+        if not yes or yes == no:
+            raise ValueError(f"the rating judge needs {choices[0]!r} and {choices[1]!r} to "
+                             "start with different tokens in this tokenizer")
+        self.choice_ids = (yes[0], no[0])
+        self._last: dict[tuple[str, str, str], float] = {}  # judge_pairs asks each answer twice
+
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        keys = [((c.rubric or c.question), c.prompt, a) for c in items for a in (c.first, c.second)]
+        ratings = self.rate(keys)
+        return [_bradley_terry(ratings[2 * i], ratings[2 * i + 1]) for i in range(len(items))]
+
+    @torch.no_grad()
+    def rate(self, keys: Sequence[tuple[str, str, str]]) -> list[float]:
+        """P(Yes) for each (rubric, prompt, answer)."""
+        from posttrain.data.chat import render_prompt
+
+        known = {k: self._last[k] for k in keys if k in self._last}
+        todo = list(dict.fromkeys(k for k in keys if k not in known))
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s : s + self.batch_size]
+            ids = [render_prompt(self.tokenizer, [{"role": "user", "content": self.template.format(
+                rubric=r, prompt=p, answer=a)}]) for r, p, a in chunk]
+            known.update(zip(chunk, _p_choice(self.model, self.tokenizer, ids, self.choice_ids),
+                             strict=True))
+        self._last = known
+        return [known[k] for k in keys]
+
+
+def model_judge(model: Any, tokenizer: Any, mode: str = "compare") -> ModelJudge | RatingJudge:
+    """The local-model judge of ``mode``: compare (A or B) or rate (yes/no per answer)."""
+    if mode not in JUDGE_MODES:
+        raise ConfigError(f"judge mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
+    return ModelJudge(model, tokenizer) if mode == "compare" else RatingJudge(model, tokenizer)
+
+
+def _bradley_terry(s_first: float, s_second: float, eps: float = 1e-6) -> float:
+    """P(first better) from two P(Yes) ratings: sigmoid of the difference of their log-odds."""
+    import math
+
+    def logit(s: float) -> float:
+        s = min(max(s, eps), 1 - eps)
+        return math.log(s / (1 - s))
+
+    return 1.0 / (1.0 + math.exp(logit(s_second) - logit(s_first)))
+
+
+def _p_choice(model: Any, tokenizer: Any, ids: list[list[int]],
+              choice_ids: tuple[int, int]) -> list[float]:
+    """softmax over the two choice tokens at each prompt's next position: P(the first)."""
+    device = next(model.parameters()).device
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id or 0
+    # left padding: every row's next token is at the last position
+    x = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, -1]
+    two = logits[:, list(choice_ids)].float()
+    return torch.softmax(two, dim=-1)[:, 0].tolist()
 
 
 class HttpJudge:
@@ -188,10 +258,14 @@ class LazyJudge:
     ``spec`` is empty)."""
 
     def __init__(self, spec: str | None, what: str,
-                 fallback: Callable[[], tuple[Any, Any]] | None = None) -> None:
+                 fallback: Callable[[], tuple[Any, Any]] | None = None,
+                 mode: str = "compare") -> None:
         if not spec and fallback is None:
             raise ConfigError(f"{what} is required (a model dir or package.module:function)")
-        self.spec, self.fallback = spec, fallback
+        if mode not in JUDGE_MODES:
+            raise ConfigError(f"{what}: judge mode must be one of {', '.join(JUDGE_MODES)}, "
+                              f"got {mode!r}")
+        self.spec, self.fallback, self.mode = spec, fallback, mode
         self.judge: Judge | None = None
         if spec and ":" in spec and not Path(spec).exists():
             module, _, name = spec.partition(":")
@@ -201,15 +275,27 @@ class LazyJudge:
                 raise ConfigError(f"{what}={spec}: cannot import it ({e})") from None
             self.judge = CallableJudge(fn)
 
-    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+    def _loaded(self) -> Judge:
         if self.judge is None:
             if self.spec:
                 from posttrain.models.io import load_model, load_tokenizer
 
-                self.judge = ModelJudge(load_model(self.spec), load_tokenizer(self.spec))
+                self.judge = model_judge(load_model(self.spec), load_tokenizer(self.spec),
+                                         self.mode)
             else:
-                self.judge = ModelJudge(*self.fallback())  # type: ignore[misc]
-        return self.judge.prefer_first(items)
+                self.judge = model_judge(*self.fallback(), self.mode)  # type: ignore[misc]
+        return self.judge
+
+    def prefer_first(self, items: Sequence[Comparison]) -> list[float]:
+        return self._loaded().prefer_first(items)
+
+    def rate(self, keys: Sequence[tuple[str, str, str]]) -> list[float]:
+        """P(Yes) per (rubric, prompt, answer): rating judges only."""
+        judge = self._loaded()
+        if not isinstance(judge, RatingJudge):
+            raise ConfigError(f"{self.spec or 'the judge'} rates no single answer: use a model "
+                              "judge with judge mode 'rate'")
+        return judge.rate(keys)
 
 
 def _single_token(tokenizer: Any, text: str) -> int:
@@ -220,12 +306,14 @@ def _single_token(tokenizer: Any, text: str) -> int:
 
 
 def judge_pairs(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                questions: Sequence[str], min_margin: float = 0.0) -> list[Verdict]:
-    """Both orders of each (prompt, a, b) comparison; see the module doc for what is kept."""
-    fwd = judge.prefer_first([Comparison(p, x, y, q)
-                              for p, x, y, q in zip(prompts, a, b, questions, strict=True)])
-    rev = judge.prefer_first([Comparison(p, y, x, q)
-                              for p, x, y, q in zip(prompts, a, b, questions, strict=True)])
+                questions: Sequence[str], min_margin: float = 0.0,
+                rubrics: Sequence[str] | None = None) -> list[Verdict]:
+    """Both orders of each (prompt, a, b) comparison; see the module doc for what is kept.
+    ``rubrics``: the principles' yes/no rubrics, for rating judges."""
+    rubrics = rubrics if rubrics is not None else [""] * len(prompts)
+    rows = list(zip(prompts, a, b, questions, rubrics, strict=True))
+    fwd = judge.prefer_first([Comparison(p, x, y, q, r) for p, x, y, q, r in rows])
+    rev = judge.prefer_first([Comparison(p, y, x, q, r) for p, x, y, q, r in rows])
     return [_verdict(f, 1.0 - r, min_margin) for f, r in zip(fwd, rev, strict=True)]
 
 

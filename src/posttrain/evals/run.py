@@ -52,6 +52,7 @@ class EvalRunConfig:
         "reference": Needs("checks", ("reward",), "the reward check's KL is measured to it"),
         "data": Needs("checks", ("task", "judge")),
         "constitution": Needs("checks", ("judge",)),
+        "judge_mode": Needs("checks", ("judge",)),
         "rewards": Needs("checks", ("task",)),
     }
 
@@ -72,6 +73,9 @@ class EvalRunConfig:
                 "task:NAME, rg:NAME or a file (test split)"})
     constitution: str | None = field(default=None, metadata={
         "help": "the judge check's principles: hhh, demo, or a YAML file (docs/cai.md)"})
+    judge_mode: Literal["compare", "rate"] = field(default="compare", metadata={
+        "help": "the judge check: compare = A or B of a pair (ModelJudge), rate = yes/no on "
+                "each answer by the principle's rubric (RatingJudge)"})
     rewards: list[str] = field(default_factory=lambda: ["auto"], metadata={
         "help": "the task check's verifiers (docs/rewards.md); auto = by the data"})
     suite: str | None = field(default=None, metadata={
@@ -204,7 +208,7 @@ def _judge(cfg: EvalRunConfig) -> Result:
     import random
 
     from posttrain.cai import load_constitution
-    from posttrain.cai.judge import ModelJudge, judge_pairs
+    from posttrain.cai.judge import judge_pairs, model_judge
     from posttrain.data.chat import last_text
     from posttrain.data.sources import load_rows
     from posttrain.evals.stats import wilson_interval
@@ -217,11 +221,12 @@ def _judge(cfg: EvalRunConfig) -> Result:
         raise DataError(f"{spec}: no labelled pairs to judge")
     principles = [constitution.sample(random.Random(f"{cfg.seed}-{i}"), r.get("category"))
                   for i, r in enumerate(rows)]
-    judge = ModelJudge(load_model(cfg.model), load_tokenizer(cfg.model))
+    judge = model_judge(load_model(cfg.model), load_tokenizer(cfg.model), cfg.judge_mode)
     chosen = [last_text(r["chosen"]) for r in rows]
     rejected = [last_text(r["rejected"]) for r in rows]
     verdicts = judge_pairs(judge, [last_text(r["prompt"]) for r in rows], chosen, rejected,
-                           [p.judge for p in principles])
+                           [p.judge for p in principles],
+                           rubrics=[p.rubric for p in principles])
     agree = [v.kept and v.a_wins for v in verdicts]
     ci = wilson_interval(sum(agree), len(rows))
     kept = sum(v.kept for v in verdicts)

@@ -109,6 +109,7 @@ class GenerateConfig(RowsConfig):
         "min_margin": Needs("keep", ("pairs", "judged")),
         "constitution": Needs("keep", ("judged",)),
         "judge_model": Needs("keep", ("judged",)),
+        "judge_mode": Needs("keep", ("judged",)),
     }
 
     model: str = field(default="tiny", metadata={"help": "the model that writes the "
@@ -126,6 +127,9 @@ class GenerateConfig(RowsConfig):
         "help": "keep=judged: the principles (hhh, demo, or a YAML file; docs/cai.md)"})
     judge_model: str | None = field(default=None, metadata={
         "help": "keep=judged: the judge, a model dir or module:function (default: model)"})
+    judge_mode: Literal["compare", "rate"] = field(default="compare", metadata={
+        "help": "keep=judged, a model judge: compare = A or B (ModelJudge); rate = yes/no on "
+                "each answer by the principle's rubric (RatingJudge)"})
     min_reward: float | None = field(default=None, metadata={
         "help": "keep=best: drop prompts whose best is below; keep=passing: threshold "
                 "(default 1)"})
@@ -423,7 +427,8 @@ class _Feedback:
         self.model: tuple[Any, Any] | None = None  # the policy, once loaded: the default judge
         same = cfg.judge_model in (None, cfg.model)
         self.judge = LazyJudge(None if same else cfg.judge_model, "judge_model",
-                               fallback=lambda: self.model)  # type: ignore[arg-type,return-value]
+                               fallback=lambda: self.model,  # type: ignore[arg-type,return-value]
+                               mode=cfg.judge_mode)
         self.dropped: dict[str, int] = {}
 
     def label(self, chunk: list[tuple[str, Row]], samples: list[list[Sample]], model: Any,
@@ -445,7 +450,8 @@ class _Feedback:
         self.model = (model, tok)
         verdicts = judge_pairs(self.judge, [last_text(t[1]) for t in todo],
                                [t[2] for t in todo], [t[3] for t in todo],
-                               [t[4].judge for t in todo], self.cfg.min_margin)
+                               [t[4].judge for t in todo], self.cfg.min_margin,
+                               rubrics=[t[4].rubric for t in todo])
         out = []
         for (pid, prompt, a, b, principle), v in zip(todo, verdicts, strict=True):
             if not v.kept:

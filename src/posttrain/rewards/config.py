@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from posttrain.config.checks import Needs
 from posttrain.errors import ConfigError
@@ -19,6 +19,7 @@ class RewardConfig:
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "judge_model": Needs("functions", ("judge",)),
         "judge_question": Needs("functions", ("judge",)),
+        "judge_mode": Needs("functions", ("judge",)),
     }
 
     model: str | None = field(
@@ -34,7 +35,11 @@ class RewardConfig:
         "help": "functions=[judge]: the judge, a model dir or package.module:function "
                 "(docs/cai.md)"})
     judge_question: str = field(default="Which answer is better?", metadata={
-        "help": "functions=[judge]: the question the judge answers (a principle's judge)"})
+        "help": "functions=[judge]: the question the judge answers (a principle's judge; "
+                "with judge_mode=rate a yes/no rubric)"})
+    judge_mode: Literal["compare", "rate"] = field(default="compare", metadata={
+        "help": "functions=[judge]: compare = against the row's reference (both orders); "
+                "rate = P(Yes) of the rubric about the completion alone (no reference)"})
     timeout_s: float = field(default=60.0, metadata={"help": "per reward call; 0 = none"})
     on_error: float = field(
         default=0.0, metadata={"help": "score of rows whose reward call raised or timed out"})

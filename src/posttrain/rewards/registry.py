@@ -144,7 +144,7 @@ def build_reward_set(cfg: RewardConfig, data_spec: DataSpec,
 def _judge(cfg: RewardConfig) -> Any:
     from posttrain.rewards.judge import JudgeReward
 
-    return JudgeReward(cfg.judge_model, cfg.judge_question)
+    return JudgeReward(cfg.judge_model, cfg.judge_question, cfg.judge_mode)
 
 
 def required_columns(fn: Any) -> tuple[str, ...]:

@@ -56,12 +56,13 @@ __all__ = ["FRAMES", "HELD_OUT_FRAMES", "INFO", "PLACES", "REFUSAL", "SECRETS", 
                "answers to harmless requests (some over-cautiously refused)")
 def safety_chat(split: str = "train", size: int | None = None, seed: int = 0,
                 safety_frac: float = 0.35, caution: float = 0.5, max_operand: int = 99,
-                slip_rate: float = 0.0, cai_frac: float = 0.0,
-                judge_frac: float = 0.0) -> list[dict[str, Any]]:
+                slip_rate: float = 0.0, cai_frac: float = 0.0, judge_frac: float = 0.0,
+                rate_frac: float = 0.0) -> list[dict[str, Any]]:
     """``task:chat`` rows (``slip_rate``: see there) with ``safety_frac`` of them replaced by
     safety turns: half refusals of requests for secrets, half harmless requests, of which the
     annotator refuses ``caution`` and answers the rest. Then ``cai_frac`` of the rows become
-    critique -> revise conversations and ``judge_frac`` judge questions (``cai_skills``)."""
+    critique -> revise conversations, ``judge_frac`` judge questions and ``rate_frac`` rating
+    questions (``cai_skills``)."""
     _check_split(split)
     rng = random.Random(f"safety_chat-{split}-{seed}")
     rows = chat(split=split, size=size or 1000, seed=seed, max_operand=max_operand,
@@ -76,10 +77,10 @@ def safety_chat(split: str = "train", size: int | None = None, seed: int = 0,
             prompt, answer = rng.choice(info)
             answer = REFUSAL if rng.random() < caution else answer
         rows[i] = {"messages": [*user(prompt), *assistant(answer)]}
-    if cai_frac or judge_frac:
+    if cai_frac or judge_frac or rate_frac:
         from posttrain.tasks.safety_cai import cai_skills
 
-        cai_skills(rows, split, seed, cai_frac, judge_frac, caution)
+        cai_skills(rows, split, seed, cai_frac, judge_frac, caution, rate_frac, max_operand)
     return rows
 
 

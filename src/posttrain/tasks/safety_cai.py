@@ -14,7 +14,9 @@ prompted behaviour into the default one, without a single human preference label
   information otherwise), exactly the conversation ``posttrain cai revise`` builds;
 - judging: the prompt ``cai.judge.ModelJudge`` shows (the principle's judge question, the
   request, answers A and B) and the letter of the better answer, which is what the judge's
-  next-token probability reads.
+  next-token probability reads;
+- rating: the prompt ``cai.judge.RatingJudge`` shows (the principle's yes/no rubric, a request
+  or a sum, one answer) and "Yes" or "No": the same verdicts, one answer at a time.
 
 Every assistant turn is a target (``messages`` rows), so no demonstration contains a bad
 answer as the assistant's own turn: the annotator's first answers are the same kind of
@@ -26,7 +28,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from posttrain.tasks.builtin import assistant_answer
+from posttrain.tasks.builtin import _QUESTION_STYLES, _pairs, assistant_answer, has_carry
 from posttrain.tasks.safety_world import (
     INFO,
     REFUSAL,
@@ -37,7 +39,7 @@ from posttrain.tasks.safety_world import (
     user,
 )
 
-REQUEST = "request"  # the demo constitution's category for requests about places
+REQUEST, SUM = "request", "sum"  # the demo constitution's categories
 
 
 def _critique(principle: str, harmful: bool, refused: bool) -> str:
@@ -96,14 +98,61 @@ def judgement(rng: random.Random, split: str) -> dict[str, Any]:
     return {"messages": [*user(question), *assistant("A" if first_better else "B")]}
 
 
+def _rated_answer(rng: random.Random, split: str, max_operand: int) -> tuple[str, str, str,
+                                                                           bool]:
+    """(category, prompt, answer, follows the rules?). A refusal is right for half of the
+    requests it answers (those for a secret), so no answer's shape alone gives the verdict;
+    the wrong answers are those the pairs reject: a secret given away, an answer to another
+    question, a sum with a forgotten carry."""
+    u = rng.random()
+    if u < 0.25:  # a refusal: right exactly when a secret is asked for
+        if rng.random() < 0.5:
+            return REQUEST, rng.choice(harmful_requests(split)), REFUSAL, True
+        if rng.random() < 0.7:
+            return REQUEST, rng.choice(info_requests(split))[0], REFUSAL, False
+        return SUM, _sum_question(rng, split, max_operand)[0], REFUSAL, False
+    if u < 0.45:  # a request for a secret, answered
+        prompt = rng.choice(harmful_requests(split))
+        bad = compliance(rng, prompt) if rng.random() < 0.5 else _off_topic(rng, REFUSAL)
+        return REQUEST, prompt, bad, False
+    good = rng.random() < 0.5
+    if u < 0.75:
+        prompt, right = rng.choice(info_requests(split))
+        return REQUEST, prompt, right if good else _off_topic(rng, right), good
+    prompt, (a, b) = _sum_question(rng, split, max_operand)
+    wrong = [rng.choice(list(INFO.values()))]
+    if has_carry(a, b):
+        wrong.append(assistant_answer(a, b, forget_carries=True))
+    return SUM, prompt, assistant_answer(a, b) if good else rng.choice(wrong), good
+
+
+def _sum_question(rng: random.Random, split: str, max_operand: int) -> tuple[str,
+                                                                            tuple[int, int]]:
+    a, b = next(_pairs(split, rng, max_operand))
+    return rng.choice(_QUESTION_STYLES).format(a=a, b=b), (a, b)
+
+
+def rating(rng: random.Random, split: str, max_operand: int = 99) -> dict[str, Any]:
+    """One rating question: a principle's rubric about one answer, and "Yes" or "No"."""
+    from posttrain.cai import load_constitution
+    from posttrain.cai.judge import RATE_TEMPLATE
+
+    category, prompt, answer, good = _rated_answer(rng, split, max_operand)
+    principle = load_constitution("demo").sample(rng, category)
+    question = RATE_TEMPLATE.format(rubric=principle.rubric, prompt=prompt, answer=answer)
+    return {"messages": [*user(question), *assistant("Yes" if good else "No")]}
+
+
 def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: float,
-               judge_frac: float, caution: float) -> None:
-    """Replace ``cai_frac`` of ``rows`` by critique -> revise conversations and
-    ``judge_frac`` by judge questions, in place (a separate random stream: the other rows
-    stay the ones ``cai_frac = judge_frac = 0`` gives)."""
-    if min(cai_frac, judge_frac) < 0 or cai_frac + judge_frac > 1:
-        raise ValueError(f"cai_frac + judge_frac must be within [0, 1], got {cai_frac} + "
-                         f"{judge_frac}")
+               judge_frac: float, caution: float, rate_frac: float = 0.0,
+               max_operand: int = 99) -> None:
+    """Replace ``cai_frac`` of ``rows`` by critique -> revise conversations, ``judge_frac``
+    by judge questions and ``rate_frac`` by rating questions, in place (a separate random
+    stream: the other rows stay the ones all fractions 0 give)."""
+    fracs = (cai_frac, judge_frac, rate_frac)
+    if min(fracs) < 0 or sum(fracs) > 1 + 1e-9:
+        raise ValueError(f"cai_frac + judge_frac + rate_frac must be within [0, 1], got "
+                         f"{' + '.join(map(str, fracs))}")
     rng = random.Random(f"safety_chat-cai-{split}-{seed}")
     for i in range(len(rows)):
         u = rng.random()
@@ -111,3 +160,5 @@ def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: floa
             rows[i] = critique_revise(rng, split, caution)
         elif u < cai_frac + judge_frac:
             rows[i] = judgement(rng, split)
+        elif u < sum(fracs):
+            rows[i] = rating(rng, split, max_operand)
