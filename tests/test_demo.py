@@ -4,12 +4,14 @@ one seed (the thresholds of docs/demo.md)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from posttrain.pipeline.demo import demo_file, run_demo
+from posttrain.pipeline.demo import demo_file
 
 
 def _columns(out: Path) -> dict[str, dict]:
@@ -28,7 +30,10 @@ def _steps(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_demo_every_stage_does_its_job(tmp_path, seed):
     out = tmp_path / "demo"
-    run_demo(out, seed=seed)
+    # as users run it: the posttrain command (under its allocator, train/allocator.py)
+    done = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--output-dir",
+                           str(out), "--seed", str(seed)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
     m = _columns(out)
     assert list(m) == ["base", "sft", "rm", "dpo", "ppo", "grpo", "redteam", "final"]
     base, sft, dpo, ppo, grpo = (m[k] for k in ("base", "sft", "dpo", "ppo", "grpo"))

@@ -47,6 +47,27 @@ def test_workers_run_the_threads_asked_for(threads):
         pool.shutdown()
 
 
+def _preload() -> str:
+    return os.environ.get("LD_PRELOAD", "")
+
+
+def test_workers_start_under_the_commands_allocator(monkeypatch):
+    """A pipeline run from Python gets the allocator the posttrain command starts under; the
+    parent's own environment is left as it was."""
+    from posttrain.train.allocator import allocator_env
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    want = allocator_env().get("LD_PRELOAD")
+    if want is None:
+        pytest.skip("no tcmalloc/jemalloc installed here")
+    pool = worker_pool(1)
+    try:
+        assert pool.submit(_preload).result() == want
+    finally:
+        pool.shutdown()
+    assert "LD_PRELOAD" not in os.environ
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
 def test_killing_the_pipeline_takes_its_workers_down():
     parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)

@@ -6,6 +6,7 @@ which survives a fork. Each worker logs plain progress lines tagged with its pro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
@@ -13,7 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -48,6 +49,30 @@ def worker_pool(n: int, threads: int = 1, preload: Sequence[str] = ()) -> Proces
     level = logging.getLogger("posttrain").getEffectiveLevel()
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=(level, threads, tuple(preload)))
-    for _ in range(n):  # the pool starts processes on demand: ask for all of them now
-        pool.submit(int)
+    with _children_allocator():
+        for _ in range(n):  # the pool starts processes on demand: ask for all of them now
+            pool.submit(int)
     return pool
+
+
+@contextlib.contextmanager
+def _children_allocator() -> Iterator[None]:
+    """Processes started inside get the allocator the ``posttrain`` command starts under
+    (``train/allocator.py``): a pipeline run from Python trains as fast as from the CLI.
+    A spawned child reads ``os.environ`` as it starts, so it is set only meanwhile."""
+    from posttrain.train.allocator import allocator_env
+
+    try:
+        extra = allocator_env()
+    except ValueError:  # a POSTTRAIN_ALLOCATOR that is not installed: the CLI warns about it
+        extra = {}
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
