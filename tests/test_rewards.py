@@ -130,3 +130,24 @@ def test_auto_reward_names():
     assert auto_reward_names("task:countdown", [{"prompt": "q"}]) == ["countdown"]
     assert auto_reward_names("task:toy_code", [{"prompt": "q", "tests": "assert 1"}]) == ["code"]
     assert auto_reward_names("rg:leg_counting", [{"prompt": "q"}]) == ["rg"]
+
+
+def test_pass_rate_judges_each_row_by_its_own_verifier():
+    """A mixture of a math task and a code task: each verifier is None on the other's rows,
+    which must not count as failures."""
+    from posttrain.rewards.scoring import pass_rate
+
+    def verifier(task):  # noqa: ANN001, ANN202
+        def fn(prompts, completions, **_):  # noqa: ANN001, ANN202
+            return [None if p != task else float(c == "ok")
+                    for p, c in zip(prompts, completions, strict=True)]
+        return fn
+
+    numeric, code = verifier("math"), verifier("code")
+
+    numeric.__name__, code.__name__ = "numeric", "code"
+    out = RewardSet([numeric, code])(["math", "math", "code", "code", "code", "chat"],
+                                     ["ok", "no", "ok", "ok", "no", "ok"])
+    assert pass_rate(out, ["numeric", "code"]) == (pytest.approx(3 / 5), 5)  # "chat": neither
+    assert pass_rate(out, ["numeric"]) == (pytest.approx(1 / 2), 2)
+    assert pass_rate(out, []) == (pytest.approx(float("nan"), nan_ok=True), 0)

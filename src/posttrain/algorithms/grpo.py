@@ -163,10 +163,10 @@ class GRPO:
         self.rewards, self.ref = rewards, reference
         self.tokenizer = engine.tokenizer
         self.updates_per_step = cfg.num_iterations
-        # reward/accuracy: the first verifier's pass rate (a judge's probability is no pass)
-        verifiers = [n for n in (rewards.names[1:] if cfg.reward.model else rewards.names)
-                     if n != "judge"]
-        self.accuracy_of = verifiers[0] if verifiers else None  # reward/accuracy: its pass rate
+        # reward/accuracy: the verifiers' pass rate, each on the rows it applies to (a judge's
+        # probability is no pass)
+        self.accuracy_of = [n for n in (rewards.names[1:] if cfg.reward.model else rewards.names)
+                            if n != "judge"]
         self.generator = online.policy_sampler(engine)
         self.warnings = online.Warnings()
 
@@ -263,8 +263,9 @@ class GRPO:
         t1 = time.perf_counter()
         out, _ = score_rollouts(self.rewards, self.tokenizer, rows, ro)
         metrics = dict(out.metrics)
-        if self.accuracy_of is not None:
-            metrics["reward/accuracy"] = pass_rate(out, self.accuracy_of)
+        rate, scored = pass_rate(out, self.accuracy_of)
+        if scored:
+            metrics["reward/accuracy"] = rate
         total = out.total + overlong_penalty(lengths(ro), cfg.sampling.max_new_tokens,
                                              cfg.overlong_buffer, cfg.overlong_penalty)
         rewards = total.view(len(rows), G)

@@ -56,23 +56,23 @@ def _generate(gen: KVCacheGenerator, rows: Sequence[Row], sampling: SamplingPara
 
 
 def evaluate_rewards(generator: KVCacheGenerator, rewards: RewardSet, tokenizer: Any,
-                     rows: Sequence[Row], max_new_tokens: int, accuracy_of: str | None,
+                     rows: Sequence[Row], max_new_tokens: int, accuracy_of: Sequence[str],
                      batch_size: int = 64) -> dict[str, float]:
-    """Greedy completions of held-out rows: ``eval/reward_mean`` and, when ``accuracy_of``
-    names a verifier of ``rewards``, ``eval/accuracy`` (its pass rate)."""
-    correct, total, n = 0.0, 0.0, 0
+    """Greedy completions of held-out rows: ``eval/reward_mean`` and, when a verifier of
+    ``accuracy_of`` scores any row, ``eval/accuracy`` (``pass_rate``)."""
+    correct, scored, total, n = 0.0, 0, 0.0, 0
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]
         ro = generator.generate([r["_ids"] for r in chunk], 1, greedy)
         out, _ = score_rollouts(rewards, tokenizer, chunk, ro)
-        if accuracy_of is not None:
-            correct += pass_rate(out, accuracy_of) * len(chunk)
+        rate, k = pass_rate(out, accuracy_of)
+        correct, scored = correct + (rate * k if k else 0.0), scored + k
         total += float(out.total.sum())
         n += len(chunk)
     metrics = {"eval/reward_mean": total / max(n, 1)}
-    if accuracy_of is not None:
-        metrics = {"eval/accuracy": correct / max(n, 1), **metrics}
+    if scored:
+        metrics = {"eval/accuracy": correct / scored, **metrics}
     return metrics
 
 

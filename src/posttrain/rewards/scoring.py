@@ -22,9 +22,19 @@ def score_rollouts(rewards: RewardSet, tokenizer: Any, rows: Sequence[Row],
     return out, texts
 
 
-def pass_rate(out: RewardOutput, name: str) -> float:
-    """Fraction of completions whose reward ``name`` is >= 1 (a verifier's pass)."""
-    return float((out.per_fn[name] >= 1.0).float().mean())
+def pass_rate(out: RewardOutput, names: Sequence[str]) -> tuple[float, int]:
+    """(pass rate, completions scored): each completion is judged by the first verifier of
+    ``names`` that applies to its row (the others are NaN there: a mixture's other kinds of
+    row) and passes when that reward is >= 1; completions none applies to are left out, so
+    one task's verifier does not count the other tasks' rows as failures."""
+    verdict = torch.full_like(out.total, float("nan"))
+    for name in reversed(names):
+        value = out.per_fn[name]
+        verdict = torch.where(value.isnan(), verdict, value)
+    scored = verdict[~verdict.isnan()]
+    if not len(scored):
+        return float("nan"), 0
+    return float((scored >= 1.0).float().mean()), len(scored)
 
 
 def no_eos_frac(ro: Rollouts) -> float:
