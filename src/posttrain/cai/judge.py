@@ -8,10 +8,10 @@ protocol:
                    (not by parsing free text, which a small model gets wrong in many ways)
     RatingJudge    a local HF model asked the principle's yes/no ``rubric`` about one answer
                    ("... Answer with Yes or No."), s = P(Yes) = softmax(logit_Yes,
-                   logit_No)[0]; the comparison is
-                   Bradley-Terry on the ratings' log-odds, P(first) = sigmoid(logit s1 -
-                   logit s2). One answer per prompt is a shorter, slot-free task (no position
-                   bias by construction), which a small judge learns far sooner
+                   logit_No)[0]; two answers compare by Bradley-Terry on the ratings'
+                   log-odds, P(first) = sigmoid(logit s1 - logit s2). One answer per question
+                   is a shorter task with no slot to prefer (no position bias by
+                   construction), which a small judge learns sooner (docs/cai.md)
     CallableJudge  any Python function ``(prompt, first, second, question) -> P(first)``
     HttpJudge      any OpenAI-compatible chat endpoint (``posttrain serve``, vLLM, a hosted
                    API): the reply's first letter, A or B, gives P = 1 or 0; retries with
@@ -151,9 +151,13 @@ class RatingJudge:
 
 def model_judge(model: Any, tokenizer: Any, mode: str = "compare") -> ModelJudge | RatingJudge:
     """The local-model judge of ``mode``: compare (A or B) or rate (yes/no per answer)."""
-    if mode not in JUDGE_MODES:
-        raise ConfigError(f"judge mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
+    _check_mode(mode, "judge mode")
     return ModelJudge(model, tokenizer) if mode == "compare" else RatingJudge(model, tokenizer)
+
+
+def _check_mode(mode: str, what: str) -> None:
+    if mode not in JUDGE_MODES:
+        raise ConfigError(f"{what} must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
 
 
 def _bradley_terry(s_first: float, s_second: float, eps: float = 1e-6) -> float:
@@ -262,9 +266,7 @@ class LazyJudge:
                  mode: str = "compare") -> None:
         if not spec and fallback is None:
             raise ConfigError(f"{what} is required (a model dir or package.module:function)")
-        if mode not in JUDGE_MODES:
-            raise ConfigError(f"{what}: judge mode must be one of {', '.join(JUDGE_MODES)}, "
-                              f"got {mode!r}")
+        _check_mode(mode, f"{what}: judge mode")
         self.spec, self.fallback, self.mode = spec, fallback, mode
         self.judge: Judge | None = None
         if spec and ":" in spec and not Path(spec).exists():
