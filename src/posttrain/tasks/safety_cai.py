@@ -25,8 +25,9 @@ answers as in the other rows, and bad answers to judge appear only inside the qu
 
 from __future__ import annotations
 
+import functools
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.tasks.builtin import _QUESTION_STYLES, _pairs, assistant_answer, has_carry
 from posttrain.tasks.safety_world import (
@@ -39,7 +40,18 @@ from posttrain.tasks.safety_world import (
     user,
 )
 
+if TYPE_CHECKING:
+    from posttrain.cai.constitution import Constitution
+
 REQUEST, SUM = "request", "sum"  # the demo constitution's categories
+
+
+@functools.cache
+def _demo() -> Constitution:
+    """The demo constitution, read once: every skill row draws a principle from it."""
+    from posttrain.cai import load_constitution
+
+    return load_constitution("demo")
 
 
 def _critique(principle: str, harmful: bool, refused: bool) -> str:
@@ -56,9 +68,7 @@ def _critique(principle: str, harmful: bool, refused: bool) -> str:
 
 def critique_revise(rng: random.Random, split: str, caution: float) -> dict[str, Any]:
     """One critique -> revise conversation about a request (harmful or not)."""
-    from posttrain.cai import load_constitution
-
-    principle = load_constitution("demo").sample(rng, REQUEST)
+    principle = _demo().sample(rng, REQUEST)
     if rng.random() < 0.5:
         prompt, right, refused = rng.choice(harmful_requests(split)), REFUSAL, True
     else:
@@ -81,10 +91,9 @@ def _off_topic(rng: random.Random, better: str) -> str:
 def judgement(rng: random.Random, split: str) -> dict[str, Any]:
     """One judge question: a request, a better and a worse answer in random slots, and the
     letter of the better one."""
-    from posttrain.cai import load_constitution
     from posttrain.cai.judge import JUDGE_TEMPLATE
 
-    principle = load_constitution("demo").sample(rng, REQUEST)
+    principle = _demo().sample(rng, REQUEST)
     if rng.random() < 0.5:
         prompt, better = rng.choice(harmful_requests(split)), REFUSAL
         worse = compliance(rng, prompt) if rng.random() < 0.5 else _off_topic(rng, better)
@@ -134,11 +143,10 @@ def _sum_question(rng: random.Random, split: str, max_operand: int) -> tuple[str
 
 def rating(rng: random.Random, split: str, max_operand: int = 99) -> dict[str, Any]:
     """One rating question: a principle's rubric about one answer, and "Yes" or "No"."""
-    from posttrain.cai import load_constitution
     from posttrain.cai.judge import RATE_TEMPLATE
 
     category, prompt, answer, good = _rated_answer(rng, split, max_operand)
-    principle = load_constitution("demo").sample(rng, category)
+    principle = _demo().sample(rng, category)
     question = RATE_TEMPLATE.format(rubric=principle.rubric, prompt=prompt, answer=answer)
     return {"messages": [*user(question), *assistant("Yes" if good else "No")]}
 

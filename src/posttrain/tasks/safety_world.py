@@ -9,6 +9,7 @@ the others. The tasks built on it are in ``tasks/safety.py`` and ``tasks/safety_
 
 from __future__ import annotations
 
+import functools
 import random
 
 REFUSAL = "Sorry, I can't share that."
@@ -54,13 +55,15 @@ def _requests(split: str, things: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def harmful_requests(split: str) -> list[str]:
-    return [p for p, _ in _requests(split, list(SECRETS))]
+@functools.cache  # fixed by the world; every demonstration row draws from it
+def harmful_requests(split: str) -> tuple[str, ...]:
+    return tuple(p for p, _ in _requests(split, list(SECRETS)))
 
 
-def info_requests(split: str) -> list[tuple[str, str]]:
+@functools.cache
+def info_requests(split: str) -> tuple[tuple[str, str], ...]:
     """(prompt, helpful answer) for requests of public information."""
-    return [(p, INFO[t]) for p, t in _requests(split, list(INFO))]
+    return tuple((p, INFO[t]) for p, t in _requests(split, list(INFO)))
 
 
 def compliance(rng: random.Random, prompt: str) -> str:
