@@ -236,3 +236,29 @@ def test_a_rating_judge_labels_by_each_answers_rating(nano_dir, tmp_path, caplog
         good, bad = judge.rate([(rubric, prompt, r[k][0]["content"])
                                 for k in ("chosen", "rejected")])
         assert good > bad and r["judge_p"] == pytest.approx(_bradley_terry(good, bad), abs=1e-4)
+
+
+@pytest.mark.parametrize("keep", ["all", "pairs", "judged"])
+def test_empty_answers_make_no_rows_and_are_counted(nano_dir, tmp_path, monkeypatch, keep):
+    """A sample with no text (the model ended its turn at once) is never a row: the row
+    formats refuse an empty answer, so a DPO run on the pairs would stop at load."""
+    from posttrain.data.sources import load_rows
+    from posttrain.generate import run as gen
+
+    real = gen._score
+
+    def first_sample_empty(*args):  # every prompt's first sample says nothing
+        return [[("  ", *s[0][1:]), *s[1:]] for s in real(*args)]
+
+    monkeypatch.setattr(gen, "_score", first_sample_empty)
+    extra = {"judged": {"constitution": "demo", "judge_model": "tests.test_generate:longer_judge"},
+             "pairs": {}, "all": {}}[keep]
+    path = run_generate(make(nano_dir, tmp_path, keep=keep, rewards=["length"], **extra))
+    rows = read(path)
+    answers = [m["content"] for r in rows for k in ("completion", "chosen", "rejected")
+               for m in r.get(k, [])]
+    assert rows and all(a.strip() for a in answers)
+    if keep == "all":
+        assert len(rows) == 6 * 2
+    load_rows(str(path))  # the rows pass their format's checks
+    assert json.loads(meta_path(path).read_text())["counts"]["dropped_empty_answer"] == 6

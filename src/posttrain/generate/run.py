@@ -16,6 +16,9 @@ KV-cache engine, optionally scored by rewards and filtered, written as training 
                   inconsistent verdicts and prompts whose samples are all the same are
                   dropped and counted (``cai/judge.py``)
 
+Samples with no text are dropped and counted (``empty_answer``) in every mode: no trainer
+learns from an empty answer, and the row formats refuse one.
+
 Every row carries ``prompt_id`` (the prompt's index in the data and a hash of it). Rows are
 appended batch by batch; ``<output>.meta.json`` records the config's fingerprint and how many
 prompts (and bytes of output) are finished. A rerun with the same config truncates the output
@@ -154,7 +157,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     """Generate, filter and append rows; returns the rows file (see the module docstring)."""
     rows = load_prompts(cfg)  # every input error is raised before the model loads
     rewards = _rewards(cfg, rows)
-    feedback = _Feedback(cfg) if cfg.keep == "judged" else None
+    dropped: dict[str, int] = {}  # by reason, this run's: the sidecar sums every run's
+    feedback = _Feedback(cfg, dropped) if cfg.keep == "judged" else None
 
     def batches(model: Any, tok: Any) -> BatchFn:
         from posttrain.rollout import KVCacheGenerator, default_stop_ids
@@ -164,20 +168,29 @@ def run_generate(cfg: GenerateConfig) -> Path:
 
         def batch(chunk: list[tuple[str, Row]], start: int) -> list[Row]:
             ro = gen.generate([r["_ids"] for _, r in chunk], cfg.n, _sampling(cfg, start))
-            samples = _score(rewards, tok, [r for _, r in chunk], ro)
+            samples = [_answered(s, dropped)
+                       for s in _score(rewards, tok, [r for _, r in chunk], ro)]
             if feedback is not None:
                 return feedback.label(chunk, samples, model, tok)
-            return [x for (pid, r), s in zip(chunk, samples, strict=True)
+            return [x for (pid, r), s in zip(chunk, samples, strict=True) if s
                     for x in SELECT[cfg.keep](cfg, pid, r["prompt"], s)]
 
         return batch
 
-    tally = None if feedback is None else (
-        lambda: {f"dropped_{why}": n for why, n in feedback.dropped.items()})
-    path = write_rows(cfg, rows, "generate", batches, tally)
-    if feedback is not None:
-        log.info("generate: AI feedback dropped %s", feedback.dropped or "nothing")
+    path = write_rows(cfg, rows, "generate", batches,
+                      lambda: {f"dropped_{why}": n for why, n in dropped.items()})
+    if dropped:
+        log.info("generate: dropped %s", dropped)
     return path
+
+
+def _answered(samples: list[Sample], dropped: dict[str, int]) -> list[Sample]:
+    """The samples with some text, counting the others as ``empty_answer``: an empty answer
+    makes a row that every trainer refuses (it has nothing to learn from)."""
+    kept = [s for s in samples if s[0].strip()]
+    if len(kept) < len(samples):
+        dropped["empty_answer"] = dropped.get("empty_answer", 0) + len(samples) - len(kept)
+    return kept
 
 
 BatchFn = Callable[[list[tuple[str, Row]], int], list[Row]]
@@ -418,7 +431,7 @@ def _keep_pairs(cfg: GenerateConfig, pid: str, prompt: Any, samples: list[Sample
 class _Feedback:
     """keep=judged: the constitution and the judge, and the dropped pairs by reason."""
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: GenerateConfig, dropped: dict[str, int]) -> None:
         from posttrain.cai import load_constitution
         from posttrain.cai.judge import LazyJudge
 
@@ -429,7 +442,7 @@ class _Feedback:
         self.judge = LazyJudge(None if same else cfg.judge_model, "judge_model",
                                fallback=lambda: self.model,  # type: ignore[arg-type,return-value]
                                mode=cfg.judge_mode)
-        self.dropped: dict[str, int] = {}
+        self.dropped = dropped
 
     def label(self, chunk: list[tuple[str, Row]], samples: list[list[Sample]], model: Any,
               tok: Any) -> list[Row]:
@@ -441,8 +454,9 @@ class _Feedback:
         todo = []
         for (pid, row), s in zip(chunk, samples, strict=True):
             other = next((x for x in s[1:] if x[0] != s[0][0]), None)
-            if other is None:
-                self.dropped["identical"] = self.dropped.get("identical", 0) + 1
+            if other is None:  # all the same, or fewer than two answers with text
+                why = "identical" if len(s) >= 2 else "too_few_answers"
+                self.dropped[why] = self.dropped.get(why, 0) + 1
                 continue
             principle = self.constitution.sample(random.Random(f"{self.cfg.seed}-{pid}"),
                                                  row.get("category"))
