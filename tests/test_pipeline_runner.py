@@ -183,3 +183,49 @@ def test_branches_run_side_by_side_in_workers(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "after").exists()
     run_pipeline(write(tmp_path, body), overrides=["stages.right.crash_at=0"])
     assert model(tmp_path, "after")["from"] == str(tmp_path / "out" / "right" / "final")
+
+
+def test_a_stage_listed_alone_runs_here_with_every_core(tmp_path: Path) -> None:
+    """`sft` could run beside `peek` (which only reads `a`), so without `alone` it would run
+    in a worker with half the cores; listed, it runs here and `peek` waits."""
+    body = """
+        workers: 2
+        alone: [sft]
+        stages:
+          a: {kind: fake}
+          sft: {kind: fake, model: "${a.output}"}
+          peek: {kind: fake, model: "${a.output}"}
+          after: {kind: fake, model: "${sft.output}"}
+        """
+    run_pipeline(write(tmp_path, body))
+    assert model(tmp_path, "sft")["pid"] == os.getpid()
+    assert model(tmp_path, "sft")["threads"] == torch.get_num_threads()
+    assert model(tmp_path, "peek")["pid"] != os.getpid()
+    bad = body.replace("alone: [sft]", "alone: [sfx]")
+    with pytest.raises(PosttrainError, match=r"alone: expected a list of the file's stages"):
+        run_pipeline(write(tmp_path, bad))
+
+
+def test_side_by_side_the_deepest_ready_stage_starts_first(tmp_path: Path) -> None:
+    """After `a`, `short` comes first in the file but `long` has two stages after it: side by
+    side, `long` starts first; one after another, the file's order stands."""
+    from posttrain.pipeline import load_plan
+    from posttrain.pipeline.runner import _depths, _Runner, plan_steps
+
+    body = """
+        workers: 2
+        stages:
+          a: {kind: fake}
+          short: {kind: fake, model: "${a.output}"}
+          long: {kind: fake, model: "${a.output}"}
+          long2: {kind: fake, model: "${long.output}"}
+          long3: {kind: fake, model: "${long2.output}"}
+        """
+    plan = load_plan(write(tmp_path, body))
+    assert _depths(plan) == {"a": 4, "short": 1, "long": 3, "long2": 2, "long3": 1}
+    runner = _Runner(plan, 2)
+    runner.pending = [s for s in plan_steps(plan) if s.stage.name != "a"]  # a is done
+    runner.waiting = {s.stage.name for s in runner.pending}
+    assert [s.stage.name for s in runner.ready()] == ["long", "short"]
+    runner.workers = 1
+    assert [s.stage.name for s in runner.ready()] == ["short", "long"]

@@ -36,7 +36,7 @@ from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger("posttrain")
 
-CHECKS = ("arithmetic", "safety", "reward", "pairs", "task", "judge")
+CHECKS = ("arithmetic", "safety", "reward", "pairs", "task", "judge", "labels")
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -50,7 +50,7 @@ class EvalRunConfig:
     ONLY_WITH: ClassVar[dict[str, Needs]] = {
         "reward_model": Needs("checks", ("reward", "pairs")),
         "reference": Needs("checks", ("reward",), "the reward check's KL is measured to it"),
-        "data": Needs("checks", ("task", "judge")),
+        "data": Needs("checks", ("task", "judge", "labels")),
         "constitution": Needs("checks", ("judge",)),
         "judge_mode": Needs("checks", ("judge",)),
         "rewards": Needs("checks", ("task",)),
@@ -69,8 +69,8 @@ class EvalRunConfig:
     reference: str | None = field(default=None,
                                   metadata={"help": "model the reward check's KL is measured to"})
     data: str | None = field(default=None, metadata={
-        "help": "the task check's prompts, or the judge check's labelled preference rows: "
-                "task:NAME, rg:NAME or a file (test split)"})
+        "help": "the task check's prompts, the judge check's labelled preference rows "
+                "(task:NAME, rg:NAME or a file; test split), or the labels check's rows"})
     constitution: str | None = field(default=None, metadata={
         "help": "the judge check's principles: hhh, demo, or a YAML file (docs/cai.md)"})
     judge_mode: Literal["compare", "rate"] = field(default="compare", metadata={
@@ -96,6 +96,9 @@ class EvalRunConfig:
         if "judge" in self.checks and not self.constitution:
             raise ConfigError("the judge check needs constitution=NAME|FILE (its principles' "
                               "judge questions are what the model is asked)")
+        if "labels" in self.checks and not self.data:
+            raise ConfigError("the labels check needs data=FILE: preference rows about the "
+                              "demo world's requests (posttrain cai label writes them)")
         if "task" in self.checks and not self.data:
             raise ConfigError("the task check needs data=SPEC (task:NAME, rg:NAME or a file)")
         if "reward" in self.checks and not self.reference:
@@ -240,9 +243,36 @@ def _judge(cfg: EvalRunConfig) -> Result:
             / len(rows)}, samples
 
 
+def _labels(cfg: EvalRunConfig) -> Result:
+    """Preference rows (AI-labelled ones, say) against the demo world's hidden rules: of the
+    pairs where exactly one answer is the request's right answer, how often it is ``chosen``."""
+    from posttrain.data.chat import last_text
+    from posttrain.data.sources import load_rows
+    from posttrain.evals.stats import wilson_interval
+    from posttrain.tasks.safety_world import right_answer
+
+    assert cfg.data is not None  # validate() requires it
+    samples = []
+    for r in load_rows(cfg.data, formats=["preference"]).rows:
+        prompt, chosen, rejected = (last_text(r[k]) for k in ("prompt", "chosen", "rejected"))
+        right = right_answer(prompt)
+        hits = None if right is None else (chosen.strip() == right, rejected.strip() == right)
+        truth = hits[0] if hits is not None and hits[0] != hits[1] else None
+        samples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                        "chosen_is_right": truth})
+    judged = [s["chosen_is_right"] for s in samples if s["chosen_is_right"] is not None]
+    if not judged:
+        raise DataError(f"{cfg.data}: no pair about a demo-world request with exactly one "
+                        "right answer: nothing to check the labels against")
+    ci = wilson_interval(sum(judged), len(judged))
+    return {"label_agreement": ci.value, "label_agreement_low": ci.low,
+            "label_agreement_high": ci.high, "label_pairs": len(samples),
+            "label_pairs_checked": len(judged)}, samples
+
+
 RUNNERS: dict[str, Callable[[EvalRunConfig], Result]] = {
     "arithmetic": _arithmetic, "safety": _safety, "reward": _reward, "pairs": _pairs,
-    "task": _task, "judge": _judge,
+    "task": _task, "judge": _judge, "labels": _labels,
 }
 
 

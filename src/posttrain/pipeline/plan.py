@@ -49,6 +49,7 @@ class Plan:
     output_dir: Path
     workers: int
     stages: tuple[Stage, ...]  # in run order: every stage after the stages it refers to
+    alone: frozenset[str] = frozenset()  # run with every core, nothing beside them
 
     def __getitem__(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -318,7 +319,8 @@ def build_plan(spec: PipelineSpec) -> Plan:
         inputs = tuple(dict.fromkeys(ref.stage for ref, _ in refs[name]))
         stages.append(Stage(name, s.kind, run_dir, output, config, inputs, fp))
     problems.check()
-    return Plan(spec.source.file, out, spec.workers, tuple(stages))
+    alone = frozenset(s.name for s in stages if s.name.partition("@")[0] in spec.alone)
+    return Plan(spec.source.file, out, spec.workers, tuple(stages), alone)
 
 
 def load_plan(source: Any, overrides: list[str] | None = None, output_dir: Any = None,

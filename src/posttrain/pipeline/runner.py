@@ -8,9 +8,11 @@ fingerprint changed reruns from scratch, and so does everything downstream, sinc
 fingerprints contain its own. ``force`` reruns stages (and what is downstream) from scratch.
 
 With ``workers > 1`` a stage that could run beside others (one on another branch) runs in a
-worker process with ``cores // workers`` threads; a stage every other stage depends on or
-comes from runs here, with every core and the usual progress bar. Either way a given stage
-always gets the same thread count, so a resumed stage computes what it computed before.
+worker process with ``cores // workers`` threads, the deepest ready stage first (the one
+with the longest chain of stages after it); a stage every other stage depends on or
+comes from runs here, with every core and the usual progress bar, and so does a stage the
+file lists under ``alone:`` (the stages that could run beside it wait). Either way a given
+stage always gets the same thread count, so a resumed stage computes what it computed before.
 """
 
 from __future__ import annotations
@@ -147,11 +149,23 @@ def _widths(plan: Plan) -> dict[str, int]:
             for a in plan.names}
 
 
+def _depths(plan: Plan) -> dict[str, int]:
+    """For each stage, the most stages on a chain from it to the end of the plan (itself
+    included): when several could start, the deepest starts first, so the longest branch is
+    not left to run alone at the end."""
+    depth: dict[str, int] = {}
+    for s in reversed(plan.stages):  # run order reversed: dependants come first
+        below = [depth[d.name] for d in plan.stages if s.name in d.inputs]
+        depth[s.name] = 1 + max(below, default=0)
+    return depth
+
+
 class _Runner:
     def __init__(self, plan: Plan, workers: int) -> None:
         self.plan = plan
         self.workers = workers
         self.width = _widths(plan)
+        self.depth = _depths(plan)
         self.cores = os.cpu_count() or 1
         self.started: dict[str, float] = {}
 
@@ -159,7 +173,7 @@ class _Runner:
         return max(1, self.cores // min(self.workers, self.width[stage.name]))
 
     def inline(self, stage: Stage) -> bool:
-        return self.workers == 1 or self.width[stage.name] == 1
+        return self.workers == 1 or self.width[stage.name] == 1 or stage.name in self.plan.alone
 
     def begin(self, step: Step) -> dict[str, Any]:
         """Prepare the stage's directory and record; returns the config to run it with."""
@@ -230,7 +244,11 @@ class _Runner:
             raise self.failure
 
     def ready(self) -> list[Step]:
-        return [s for s in self.pending if not self.waiting.intersection(s.stage.inputs)]
+        """Stages whose inputs are done, in plan order; side by side, deepest first."""
+        ready = [s for s in self.pending if not self.waiting.intersection(s.stage.inputs)]
+        if self.workers == 1:
+            return ready
+        return sorted(ready, key=lambda s: -self.depth[s.stage.name])
 
     def run_next_here(self) -> bool:
         """Run a ready stage that runs in this process, if nothing runs beside it."""

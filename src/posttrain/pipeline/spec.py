@@ -4,6 +4,7 @@
 output_dir: runs/pipe          # every stage runs in output_dir/<stage name>
 seed: 0                        # every stage's seed unless defaults or the stage set one
 workers: 1                     # > 1: independent stages run side by side
+alone: [sft]                   # these run with every core, nothing beside them
 defaults: {precision: fp32}    # keys given to every stage whose kind has them
 stages:                        # name -> kind + that command's keys, in order
   sft: {kind: sft, model: tiny:nano, data: task:chat}
@@ -28,7 +29,7 @@ from posttrain.pipeline.kinds import canonical_kind, get_kind
 from posttrain.pipeline.refs import STAGE_NAME, Ref, RefError, find_refs, substitute
 from posttrain.pipeline.source import Problems, Source
 
-TOP_KEYS = ("output_dir", "seed", "workers", "defaults", "stages", "repeat")
+TOP_KEYS = ("output_dir", "seed", "workers", "alone", "defaults", "stages", "repeat")
 REPEAT_KEYS = ("stages", "rounds", "start")
 # The pipeline sets these in every stage: where it runs, and whether it resumes.
 OWNED = {"output_dir": "every stage runs in <output_dir>/<stage name>",
@@ -67,6 +68,7 @@ class PipelineSpec:
     workers: int
     defaults: dict[str, Any]
     stages: list[StageSpec]  # repeats expanded, in file order
+    alone: tuple[str, ...] = ()  # stage names as written: every round of a repeated one
 
 
 def _is_int(value: Any) -> bool:
@@ -267,6 +269,19 @@ def read_spec(src: Source) -> PipelineSpec:
     repeats = _repeats(src, list(raw), problems)
     problems.check()
     stages = _expand(src, specs, repeats, problems)
+    alone = _alone(src, list(raw), problems)
     problems.check()
     return PipelineSpec(src, str(src.data["output_dir"]), src.data.get("seed"),
-                        src.data.get("workers", 1), dict(defaults), stages)
+                        src.data.get("workers", 1), dict(defaults), stages, alone)
+
+
+def _alone(src: Source, names: list[str], problems: Problems) -> tuple[str, ...]:
+    """``alone:``, the stages that run with every core while nothing runs beside them: a
+    bottleneck every branch waits for (with ``workers > 1`` it would otherwise get a worker's
+    share of the cores whenever some small stage could run beside it)."""
+    raw = src.data.get("alone") or []
+    if not isinstance(raw, list) or any(n not in names for n in raw):
+        problems.add(src.where("alone"), f"alone: expected a list of the file's stages, got "
+                     f"{raw!r}", key="alone")
+        return ()
+    return tuple(str(n) for n in raw)

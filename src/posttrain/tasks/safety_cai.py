@@ -107,32 +107,43 @@ def judgement(rng: random.Random, split: str) -> dict[str, Any]:
     return {"messages": [*user(question), *assistant("A" if first_better else "B")]}
 
 
-def _rated_answer(rng: random.Random, split: str, max_operand: int) -> tuple[str, str, str,
-                                                                           bool]:
-    """(category, prompt, answer, follows the rules?). A refusal is right for half of the
-    requests it answers (those for a secret), so no answer's shape alone gives the verdict;
-    the wrong answers are those the pairs reject: a secret given away, an answer to another
-    question, a sum with a forgotten carry."""
-    u = rng.random()
-    if u < 0.25:  # a refusal: right exactly when a secret is asked for
-        if rng.random() < 0.5:
-            return REQUEST, rng.choice(harmful_requests(split)), REFUSAL, True
-        if rng.random() < 0.7:
-            return REQUEST, rng.choice(info_requests(split))[0], REFUSAL, False
-        return SUM, _sum_question(rng, split, max_operand)[0], REFUSAL, False
-    if u < 0.45:  # a request for a secret, answered
+def _rated_answer(rng: random.Random, split: str, max_operand: int,
+                  sum_frac: float) -> tuple[str, str, str, bool]:
+    """(category, prompt, answer, follows the rules?): a sum in ``sum_frac`` of the lessons,
+    else a request; the wrong answers are those the pairs reject."""
+    if rng.random() < sum_frac:
+        return _rated_sum(rng, split, max_operand)
+    return _rated_request(rng, split)
+
+
+def _rated_request(rng: random.Random, split: str) -> tuple[str, str, str, bool]:
+    """Half the requests are for a secret: refused (right), or answered with the secret or
+    another question's answer. The others are harmless: refused as often (wrong), else
+    answered, with the right information or another thing's. A refusal is right for exactly
+    half of the requests it answers, so no answer's shape alone gives the verdict."""
+    if rng.random() < 0.5:
         prompt = rng.choice(harmful_requests(split))
+        if rng.random() < 0.5:
+            return REQUEST, prompt, REFUSAL, True
         bad = compliance(rng, prompt) if rng.random() < 0.5 else _off_topic(rng, REFUSAL)
         return REQUEST, prompt, bad, False
-    good = rng.random() < 0.5
-    if u < 0.75:
-        prompt, right = rng.choice(info_requests(split))
-        return REQUEST, prompt, right if good else _off_topic(rng, right), good
+    prompt, right = rng.choice(info_requests(split))
+    u = rng.random()
+    if u < 0.5:
+        return REQUEST, prompt, REFUSAL, False
+    return (REQUEST, prompt, right, True) if u < 0.85 else \
+        (REQUEST, prompt, _off_topic(rng, right), False)
+
+
+def _rated_sum(rng: random.Random, split: str, max_operand: int) -> tuple[str, str, str, bool]:
+    """A worked sum (right), or a forgotten carry, public information or a refusal."""
     prompt, (a, b) = _sum_question(rng, split, max_operand)
-    wrong = [rng.choice(list(INFO.values()))]
+    if rng.random() < 0.5:
+        return SUM, prompt, assistant_answer(a, b), True
+    wrong = [rng.choice(list(INFO.values())), REFUSAL]
     if has_carry(a, b):
         wrong.append(assistant_answer(a, b, forget_carries=True))
-    return SUM, prompt, assistant_answer(a, b) if good else rng.choice(wrong), good
+    return SUM, prompt, rng.choice(wrong), False
 
 
 def _sum_question(rng: random.Random, split: str, max_operand: int) -> tuple[str,
@@ -141,11 +152,12 @@ def _sum_question(rng: random.Random, split: str, max_operand: int) -> tuple[str
     return rng.choice(_QUESTION_STYLES).format(a=a, b=b), (a, b)
 
 
-def rating(rng: random.Random, split: str, max_operand: int = 99) -> dict[str, Any]:
+def rating(rng: random.Random, split: str, max_operand: int = 99,
+           sum_frac: float = 0.25) -> dict[str, Any]:
     """One rating question: a principle's rubric about one answer, and "Yes" or "No"."""
     from posttrain.cai.judge import RATE_TEMPLATE
 
-    category, prompt, answer, good = _rated_answer(rng, split, max_operand)
+    category, prompt, answer, good = _rated_answer(rng, split, max_operand, sum_frac)
     principle = _demo().sample(rng, category)
     question = RATE_TEMPLATE.format(rubric=principle.rubric, prompt=prompt, answer=answer)
     return {"messages": [*user(question), *assistant("Yes" if good else "No")]}
@@ -153,14 +165,17 @@ def rating(rng: random.Random, split: str, max_operand: int = 99) -> dict[str, A
 
 def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: float,
                judge_frac: float, caution: float, rate_frac: float = 0.0,
-               max_operand: int = 99) -> None:
+               max_operand: int = 99, rate_sum_frac: float = 0.25) -> None:
     """Replace ``cai_frac`` of ``rows`` by critique -> revise conversations, ``judge_frac``
-    by judge questions and ``rate_frac`` by rating questions, in place (a separate random
-    stream: the other rows stay the ones all fractions 0 give)."""
+    by judge questions and ``rate_frac`` by rating questions (``rate_sum_frac`` of them
+    about sums), in place (a separate random stream: the other rows stay the ones all
+    fractions 0 give)."""
     fracs = (cai_frac, judge_frac, rate_frac)
     if min(fracs) < 0 or sum(fracs) > 1 + 1e-9:
         raise ValueError(f"cai_frac + judge_frac + rate_frac must be within [0, 1], got "
                          f"{' + '.join(map(str, fracs))}")
+    if not 0 <= rate_sum_frac <= 1:
+        raise ValueError(f"rate_sum_frac must be within [0, 1], got {rate_sum_frac}")
     rng = random.Random(f"safety_chat-cai-{split}-{seed}")
     for i in range(len(rows)):
         u = rng.random()
@@ -169,4 +184,4 @@ def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: floa
         elif u < cai_frac + judge_frac:
             rows[i] = judgement(rng, split)
         elif u < sum(fracs):
-            rows[i] = rating(rng, split, max_operand)
+            rows[i] = rating(rng, split, max_operand, rate_sum_frac)
