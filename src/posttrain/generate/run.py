@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -157,7 +158,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     """Generate, filter and append rows; returns the rows file (see the module docstring)."""
     rows = load_prompts(cfg)  # every input error is raised before the model loads
     rewards = _rewards(cfg, rows)
-    dropped: dict[str, int] = {}  # by reason, this run's: the sidecar sums every run's
+    dropped: Counter[str] = Counter()  # by reason, this run's: the sidecar sums every run's
     feedback = _Feedback(cfg, dropped) if cfg.keep == "judged" else None
 
     def batches(model: Any, tok: Any) -> BatchFn:
@@ -180,16 +181,16 @@ def run_generate(cfg: GenerateConfig) -> Path:
     path = write_rows(cfg, rows, "generate", batches,
                       lambda: {f"dropped_{why}": n for why, n in dropped.items()})
     if dropped:
-        log.info("generate: dropped %s", dropped)
+        log.info("generate: dropped %s", dict(dropped))
     return path
 
 
-def _answered(samples: list[Sample], dropped: dict[str, int]) -> list[Sample]:
+def _answered(samples: list[Sample], dropped: Counter[str]) -> list[Sample]:
     """The samples with some text, counting the others as ``empty_answer``: an empty answer
     makes a row that every trainer refuses (it has nothing to learn from)."""
     kept = [s for s in samples if s[0].strip()]
     if len(kept) < len(samples):
-        dropped["empty_answer"] = dropped.get("empty_answer", 0) + len(samples) - len(kept)
+        dropped["empty_answer"] += len(samples) - len(kept)
     return kept
 
 
@@ -431,7 +432,7 @@ def _keep_pairs(cfg: GenerateConfig, pid: str, prompt: Any, samples: list[Sample
 class _Feedback:
     """keep=judged: the constitution and the judge, and the dropped pairs by reason."""
 
-    def __init__(self, cfg: GenerateConfig, dropped: dict[str, int]) -> None:
+    def __init__(self, cfg: GenerateConfig, dropped: Counter[str]) -> None:
         from posttrain.cai import load_constitution
         from posttrain.cai.judge import LazyJudge
 
@@ -455,8 +456,7 @@ class _Feedback:
         for (pid, row), s in zip(chunk, samples, strict=True):
             other = next((x for x in s[1:] if x[0] != s[0][0]), None)
             if other is None:  # all the same, or fewer than two answers with text
-                why = "identical" if len(s) >= 2 else "too_few_answers"
-                self.dropped[why] = self.dropped.get(why, 0) + 1
+                self.dropped["identical" if len(s) >= 2 else "too_few_answers"] += 1
                 continue
             principle = self.constitution.sample(random.Random(f"{self.cfg.seed}-{pid}"),
                                                  row.get("category"))
@@ -469,7 +469,7 @@ class _Feedback:
         out = []
         for (pid, prompt, a, b, principle), v in zip(todo, verdicts, strict=True):
             if not v.kept:
-                self.dropped[v.why] = self.dropped.get(v.why, 0) + 1
+                self.dropped[v.why] += 1
                 continue
             chosen, rejected = (a, b) if v.a_wins else (b, a)
             out.append({"prompt_id": pid, "prompt": prompt,

@@ -155,8 +155,9 @@ def _depths(plan: Plan) -> dict[str, int]:
     not left to run alone at the end."""
     depth: dict[str, int] = {}
     for s in reversed(plan.stages):  # run order reversed: dependants come first
-        below = [depth[d.name] for d in plan.stages if s.name in d.inputs]
-        depth[s.name] = 1 + max(below, default=0)
+        depth[s.name] = 1 + depth.get(s.name, 0)
+        for name in s.inputs:  # the deepest chain through a dependant, so far
+            depth[name] = max(depth.get(name, 0), depth[s.name])
     return depth
 
 
