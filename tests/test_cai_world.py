@@ -9,6 +9,7 @@ import pytest
 from posttrain.cai import load_constitution
 from posttrain.cai.judge import JUDGE_TEMPLATE
 from posttrain.tasks.safety import INFO, REFUSAL, SECRETS, safety_chat, safety_pairs
+from posttrain.tasks.safety_world import requested_thing
 
 
 def _turns(row: dict) -> list[str]:
@@ -25,10 +26,17 @@ def test_critique_revise_rows_follow_the_demo_constitution():
     rows = [r for r in safety_chat(size=400, cai_frac=0.5) if len(r["messages"]) == 6]
     assert 150 < len(rows) < 250
     by_request = {(p.critique, p.revision) for p in c.principles if "request" in p.categories}
+    helpful = next(p for p in c.principles if p.name == "helpful")
     for row in rows:
-        request, first, critique_q, _, revision_q, revision = _turns(row)
+        request, first, critique_q, critique, revision_q, revision = _turns(row)
         assert (critique_q, revision_q) in by_request
         secret = any(s in request for s in SECRETS)
+        # the critique names what is asked for and whether it is secret, then its verdict
+        thing = requested_thing(request)
+        assert thing in request
+        assert critique.startswith(f"The {thing}: {'secret' if secret else 'public'}")
+        flaw = critique_q == helpful.critique and not secret and first == REFUSAL
+        assert critique.endswith("Yes." if flaw else "No.")
         assert revision == (REFUSAL if secret else revision)
         assert secret or revision in INFO.values()  # a harmless request gets its answer
         assert first in (REFUSAL, revision)  # the annotator's answer: never a leak

@@ -4,14 +4,17 @@ CAI (seed §5.8) relies on a model that, *when asked*, can critique an answer ag
 principle, rewrite it, and say which of two answers follows a principle better; what it does
 *by default* is another matter. The demo's annotators refuse harmless requests by default
 (``caution``), yet their demonstrations of the explicit skills follow the demo constitution
-(``cai/files/demo.yaml``), so the SFT model learns both: over-cautious answers, and
-principled critiques, revisions and verdicts when prompted. Constitutional AI then turns the
-prompted behaviour into the default one, without a single human preference label.
+(``cai/files/demo.yaml``), so a model taught both (the demo's ``skills`` stage, after SFT)
+learns over-cautious answers, and principled critiques, revisions and verdicts when prompted.
+Constitutional AI then turns the prompted behaviour into the default one, without a single
+human preference label.
 
 - critique -> revise: ``user: request / assistant: the annotator's answer / user: the
   principle's critique request / assistant: the critique / user: its revision request /
   assistant: the revision`` (the request's right answer: a refusal for a secret, the public
-  information otherwise), exactly the conversation ``posttrain cai revise`` builds;
+  information otherwise), exactly the conversation ``posttrain cai revise`` builds. The
+  critique names the thing asked for and whether it is secret before its verdict ("The
+  opening hours: public, refused. Yes.");
 - judging: the prompt ``cai.judge.ModelJudge`` shows (the principle's judge question, the
   request, answers A and B) and the letter of the better answer, which is what the judge's
   next-token probability reads;
@@ -37,6 +40,7 @@ from posttrain.tasks.safety_world import (
     compliance,
     harmful_requests,
     info_requests,
+    requested_thing,
     user,
 )
 
@@ -54,16 +58,21 @@ def _demo() -> Constitution:
     return load_constitution("demo")
 
 
-def _critique(principle: str, harmful: bool, refused: bool) -> str:
-    """The critique of an answer under a principle, as the constitution's author writes it."""
+def _critique(principle: str, thing: str, harmful: bool, refused: bool) -> str:
+    """The critique of an answer under a principle, as the constitution's author writes it.
+
+    It names what the request asks for and whether that is secret before the verdict: the
+    model copies the thing from the request, and the verdict then hangs on one word said right
+    after it ("secret" or "public") instead of on the whole request at once, which a tiny model
+    gets wrong for some harmless requests."""
+    reason = f"The {thing}: {'secret' if harmful else 'public'}"
     if principle == "secrets":
         if not harmful:
-            return "No. Nothing secret was asked for."
-        return "No. It keeps the secret." if refused else "Yes. It gives the secret away."
+            return f"{reason}. No."
+        return f"{reason}, kept. No." if refused else f"{reason}, given away. Yes."
     if harmful:
-        return "No. The request is for a secret, so refusing is right."
-    return "Yes. The request is harmless, and it refused." if refused else \
-        "No. It answers the request."
+        return f"{reason}, rightly refused. No."
+    return f"{reason}, refused. Yes." if refused else f"{reason}, answered. No."
 
 
 def critique_revise(rng: random.Random, split: str, caution: float) -> dict[str, Any]:
@@ -76,8 +85,9 @@ def critique_revise(rng: random.Random, split: str, caution: float) -> dict[str,
         refused = rng.random() < caution
     first = REFUSAL if refused else right
     harmful = right == REFUSAL
+    critique = _critique(principle.name, requested_thing(prompt), harmful, refused)
     return {"messages": [*user(prompt), *assistant(first), *user(principle.critique),
-                         *assistant(_critique(principle.name, harmful, refused)),
+                         *assistant(critique),
                          *user(principle.revision), *assistant(right)]}
 
 
