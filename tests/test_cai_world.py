@@ -156,6 +156,8 @@ def test_rating_fractions_are_checked():
         safety_chat(size=10, cai_frac=0.5, rate_frac=0.6)
     with pytest.raises(ValueError, match="rate_sum_frac"):
         safety_chat(size=10, rate_frac=0.5, rate_sum_frac=1.5)
+    with pytest.raises(ValueError, match="rate_garble_frac"):
+        safety_chat(size=10, rate_frac=0.5, rate_garble_frac=-0.1)
 
 
 def test_rating_lessons_about_requests_only():
@@ -166,6 +168,25 @@ def test_rating_lessons_about_requests_only():
     refusals = [r for r, q in zip(rows, questions, strict=True) if f"Answer: {REFUSAL}" in q]
     right = sum(r["messages"][1]["content"] == "Yes" for r in refusals) / len(refusals)
     assert 0.4 < right < 0.6  # a refusal is right for half the requests it answers
+
+
+def test_garbled_answers_are_rated_wrong_and_keep_the_refusal_balance():
+    from posttrain.tasks.safety_world import right_answer
+
+    rows = safety_chat(size=600, safety_frac=0, rate_frac=1.0, rate_sum_frac=0,
+                       rate_garble_frac=0.5)
+    answers = [(q.split("Request: ")[1].split("\n")[0], q.split("Answer: ")[1].split("\n")[0],
+                r["messages"][1]["content"]) for r in rows for q in [r["messages"][0]["content"]]]
+    known = {*INFO.values(), REFUSAL}
+    garbled = [(p, a, v) for p, a, v in answers if a not in known
+               and not a.startswith("Sure") and "The answer is" not in a]  # not leaks, sums
+    assert len(garbled) > 100
+    assert all(v == "No" for _, _, v in garbled)  # a garbled answer is never right
+    # each is the beginning of one answer of the world running into another
+    assert all(any(a.startswith(k[:4]) for k in known) for _, a, _ in garbled)
+    assert all(v == ("Yes" if a == right_answer(p) else "No") for p, a, v in answers)
+    refusals = [v for _, a, v in answers if a == REFUSAL]
+    assert 0.4 < sum(v == "Yes" for v in refusals) / len(refusals) < 0.6
 
 
 def test_every_request_has_one_right_answer():

@@ -57,13 +57,14 @@ __all__ = ["FRAMES", "HELD_OUT_FRAMES", "INFO", "PLACES", "REFUSAL", "SECRETS", 
 def safety_chat(split: str = "train", size: int | None = None, seed: int = 0,
                 safety_frac: float = 0.35, caution: float = 0.5, max_operand: int = 99,
                 slip_rate: float = 0.0, cai_frac: float = 0.0, judge_frac: float = 0.0,
-                rate_frac: float = 0.0, rate_sum_frac: float = 0.25) -> list[dict[str, Any]]:
+                rate_frac: float = 0.0, rate_sum_frac: float = 0.25,
+                rate_garble_frac: float = 0.0) -> list[dict[str, Any]]:
     """``task:chat`` rows (``slip_rate``: see there) with ``safety_frac`` of them replaced by
     safety turns: half refusals of requests for secrets, half harmless requests, of which the
     annotator refuses ``caution`` and answers the rest. Then ``cai_frac`` of the rows become
     critique -> revise conversations, ``judge_frac`` judge questions and ``rate_frac`` rating
-    questions, ``rate_sum_frac`` of those about sums and the rest about requests
-    (``cai_skills``)."""
+    questions, ``rate_sum_frac`` of those about sums and the rest about requests, of which
+    ``rate_garble_frac`` rate a garbled answer (``cai_skills``)."""
     _check_split(split)
     rng = random.Random(f"safety_chat-{split}-{seed}")
     rows = chat(split=split, size=size or 1000, seed=seed, max_operand=max_operand,
@@ -82,7 +83,7 @@ def safety_chat(split: str = "train", size: int | None = None, seed: int = 0,
         from posttrain.tasks.safety_cai import cai_skills
 
         cai_skills(rows, split, seed, cai_frac, judge_frac, caution, rate_frac, max_operand,
-                   rate_sum_frac)
+                   rate_sum_frac, rate_garble_frac)
     return rows
 
 

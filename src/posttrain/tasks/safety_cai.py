@@ -117,32 +117,48 @@ def judgement(rng: random.Random, split: str) -> dict[str, Any]:
     return {"messages": [*user(question), *assistant("A" if first_better else "B")]}
 
 
-def _rated_answer(rng: random.Random, split: str, max_operand: int,
-                  sum_frac: float) -> tuple[str, str, str, bool]:
+def _rated_answer(rng: random.Random, split: str, max_operand: int, sum_frac: float,
+                  garble_frac: float = 0.0) -> tuple[str, str, str, bool]:
     """(category, prompt, answer, follows the rules?): a sum in ``sum_frac`` of the lessons,
     else a request; the wrong answers are those the pairs reject."""
     if rng.random() < sum_frac:
         return _rated_sum(rng, split, max_operand)
-    return _rated_request(rng, split)
+    return _rated_request(rng, split, garble_frac)
 
 
-def _rated_request(rng: random.Random, split: str) -> tuple[str, str, str, bool]:
+def _rated_request(rng: random.Random, split: str,
+                   garble_frac: float = 0.0) -> tuple[str, str, str, bool]:
     """Half the requests are for a secret: refused (right), or answered with the secret or
     another question's answer. The others are harmless: refused as often (wrong), else
     answered, with the right information or another thing's. A refusal is right for exactly
-    half of the requests it answers, so no answer's shape alone gives the verdict."""
+    half of the requests it answers, so no answer's shape alone gives the verdict.
+
+    ``garble_frac`` of the answers that are not a plain refusal are garbled instead (wrong):
+    the right answer running into another one, as a small model's sampled answers do
+    ("Saturday is two bus stops right outside."), so the judge reads an answer to its end."""
+    garble = garble_frac > 0 and rng.random() < garble_frac
     if rng.random() < 0.5:
         prompt = rng.choice(harmful_requests(split))
         if rng.random() < 0.5:
             return REQUEST, prompt, REFUSAL, True
+        if garble:
+            return REQUEST, prompt, _garbled(rng, REFUSAL), False
         bad = compliance(rng, prompt) if rng.random() < 0.5 else _off_topic(rng, REFUSAL)
         return REQUEST, prompt, bad, False
     prompt, right = rng.choice(info_requests(split))
     u = rng.random()
     if u < 0.5:
         return REQUEST, prompt, REFUSAL, False
+    if garble:
+        return REQUEST, prompt, _garbled(rng, right), False
     return (REQUEST, prompt, right, True) if u < 0.85 else \
         (REQUEST, prompt, _off_topic(rng, right), False)
+
+
+def _garbled(rng: random.Random, text: str) -> str:
+    """The beginning of ``text`` running into the end of another answer of this world."""
+    other = rng.choice([a for a in (*INFO.values(), REFUSAL) if a != text])
+    return text[:rng.randint(4, len(text) - 4)] + other[rng.randint(2, len(other) - 6):]
 
 
 def _rated_sum(rng: random.Random, split: str, max_operand: int) -> tuple[str, str, str, bool]:
@@ -163,11 +179,12 @@ def _sum_question(rng: random.Random, split: str, max_operand: int) -> tuple[str
 
 
 def rating(rng: random.Random, split: str, max_operand: int = 99,
-           sum_frac: float = 0.25) -> dict[str, Any]:
+           sum_frac: float = 0.25, garble_frac: float = 0.0) -> dict[str, Any]:
     """One rating question: a principle's rubric about one answer, and "Yes" or "No"."""
     from posttrain.cai.judge import RATE_TEMPLATE
 
-    category, prompt, answer, good = _rated_answer(rng, split, max_operand, sum_frac)
+    category, prompt, answer, good = _rated_answer(rng, split, max_operand, sum_frac,
+                                                   garble_frac)
     principle = _demo().sample(rng, category)
     question = RATE_TEMPLATE.format(rubric=principle.rubric, prompt=prompt, answer=answer)
     return {"messages": [*user(question), *assistant("Yes" if good else "No")]}
@@ -175,17 +192,19 @@ def rating(rng: random.Random, split: str, max_operand: int = 99,
 
 def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: float,
                judge_frac: float, caution: float, rate_frac: float = 0.0,
-               max_operand: int = 99, rate_sum_frac: float = 0.25) -> None:
+               max_operand: int = 99, rate_sum_frac: float = 0.25,
+               rate_garble_frac: float = 0.0) -> None:
     """Replace ``cai_frac`` of ``rows`` by critique -> revise conversations, ``judge_frac``
     by judge questions and ``rate_frac`` by rating questions (``rate_sum_frac`` of them
-    about sums), in place (a separate random stream: the other rows stay the ones all
-    fractions 0 give)."""
+    about sums, ``rate_garble_frac`` of those about requests rating a garbled answer), in
+    place (a separate random stream: the other rows stay the ones all fractions 0 give)."""
     fracs = (cai_frac, judge_frac, rate_frac)
     if min(fracs) < 0 or sum(fracs) > 1 + 1e-9:
         raise ValueError(f"cai_frac + judge_frac + rate_frac must be within [0, 1], got "
                          f"{' + '.join(map(str, fracs))}")
-    if not 0 <= rate_sum_frac <= 1:
-        raise ValueError(f"rate_sum_frac must be within [0, 1], got {rate_sum_frac}")
+    for name, frac in (("rate_sum_frac", rate_sum_frac), ("rate_garble_frac", rate_garble_frac)):
+        if not 0 <= frac <= 1:
+            raise ValueError(f"{name} must be within [0, 1], got {frac}")
     rng = random.Random(f"safety_chat-cai-{split}-{seed}")
     for i in range(len(rows)):
         u = rng.random()
@@ -194,4 +213,4 @@ def cai_skills(rows: list[dict[str, Any]], split: str, seed: int, cai_frac: floa
         elif u < cai_frac + judge_frac:
             rows[i] = judgement(rng, split)
         elif u < sum(fracs):
-            rows[i] = rating(rng, split, max_operand, rate_sum_frac)
+            rows[i] = rating(rng, split, max_operand, rate_sum_frac, rate_garble_frac)
