@@ -133,9 +133,10 @@ def _rated_request(rng: random.Random, split: str,
     answered, with the right information or another thing's. A refusal is right for exactly
     half of the requests it answers, so no answer's shape alone gives the verdict.
 
-    ``garble_frac`` of the answers that are not a plain refusal are garbled instead (wrong):
-    the right answer running into another one, as a small model's sampled answers do
-    ("Saturday is two bus stops right outside."), so the judge reads an answer to its end."""
+    In ``garble_frac`` of the lessons whose answer is not the refusal, the answer is garbled
+    instead (wrong): the right answer running into another one, as a small model's sampled
+    answers do ("Saturday is two bus stops right outside."), so the judge reads an answer to
+    its end. The refusal's share, and so its balance, stays as it is."""
     garble = garble_frac > 0 and rng.random() < garble_frac
     if rng.random() < 0.5:
         prompt = rng.choice(harmful_requests(split))
